@@ -1,0 +1,217 @@
+"""
+Turn a G3DR checkpoint into pictures and numbers.
+
+    python sample.py                                   # held-out synthetic scenes, with out/ckpt.pt
+    python sample.py --ckpt CKPT --input photo.jpg --depth photo_depth.png
+    python sample.py --official --ckpt g3dr_imagenet.pt --input photos/   # the authors' checkpoint
+    python sample.py --eval --ckpt out/ckpt.pt         # PSNR / depth error / non-flatness, writes eval.json
+    python sample.py --class_id 2 --num 4 --rgbd_ckpt out-rgbd/ckpt.pt --ckpt out/ckpt.pt   # generate 3D
+
+For every input it writes the canonical reconstruction (input | render | depth) as a PNG and an orbit GIF
+(the "front circle" of G3DR.md section 7: RGB beside colourised depth).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import G3DR
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', default='out/ckpt.pt', help='f_trigen checkpoint (ours; the authors\' with --official)')
+    p.add_argument('--official', action='store_true', help='--ckpt is in the authors\' release format')
+    p.add_argument('--input', default='', help='an image or a folder of images (default: held-out synthetic scenes)')
+    p.add_argument('--depth', default='', help='depth PNG (or folder) in the authors\' encoding; default: '
+                   'NAME_depth.png beside each image, else estimated with MiDaS (see data.py make_depth)')
+    p.add_argument('--out_dir', default='', help='where pictures go (default: samples/ beside the checkpoint)')
+    p.add_argument('--num_scenes', type=int, default=4, help='held-out synthetic scenes to show')
+    p.add_argument('--resolution', type=int, default=0, help='render size (default: the model\'s image size)')
+    p.add_argument('--frames', type=int, default=64, help='frames of the orbit GIF')
+    p.add_argument('--n_coarse', type=int, default=64)
+    p.add_argument('--n_fine', type=int, default=64)
+    p.add_argument('--eval', action='store_true', help='metrics on 16 held-out synthetic scenes -> eval.json')
+    p.add_argument('--eval_scenes', type=int, default=16)
+    p.add_argument('--class_id', type=int, default=None, help='generate 3D objects of this class with f_rgbd')
+    p.add_argument('--num', type=int, default=4, help='how many objects to generate')
+    p.add_argument('--rgbd_ckpt', default='out-rgbd/ckpt.pt', help='f_rgbd checkpoint (train.py --stage rgbd)')
+    p.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance scale')
+    p.add_argument('--steps', type=int, default=50, help='DDIM steps')
+    p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0 = deterministic)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='auto')
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+
+def load_model(path, official, device):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`, or pass --ckpt PATH)")
+    model = G3DR.from_official(path) if official else G3DR.from_checkpoint(path)
+    return model.to(device).eval()
+
+
+def front_circle(frames):
+    """G3DR.md section 7: yaw = pi/2 + 0.25 sin(2 pi s), pitch = pi/2 + 0.1 cos(2 pi s)."""
+    s = torch.linspace(0, 1, frames + 1)[:-1]  # the last frame would repeat the first
+    return math.pi / 2 + 0.25 * torch.sin(2 * math.pi * s), math.pi / 2 + 0.1 * torch.cos(2 * math.pi * s)
+
+
+@torch.no_grad()
+def reconstruct(model, image, depth, name, out_dir, args):
+    """image (B, 3, S, S) in [0, 1], depth (B, 1, S, S): canonical PNG + orbit GIF per item."""
+    S = args.resolution or image.shape[-1]
+    opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
+    planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
+    rgb, d = model.render_view(planes, math.pi / 2, math.pi / 2, S, **opts)
+    rgb = (rgb + 1) / 2
+    cells = [F.interpolate(image, size=S, mode='bilinear', antialias=True, align_corners=False), rgb,
+             data.colorize_depth(d)]
+    data.save_grid(torch.stack(cells, 1).flatten(0, 1), os.path.join(out_dir, f"{name}_canonical.png"), nrow=3)
+    yaws, pitches = front_circle(args.frames)
+    frames = []
+    from tqdm import tqdm
+    for yaw, pitch in tqdm(list(zip(yaws, pitches)), desc=f"orbit {name}", leave=False):
+        rgb, d = model.render_view(planes, float(yaw), float(pitch), S, **opts)
+        frames.append(torch.cat([(rgb + 1) / 2, data.colorize_depth(d)], -1))  # (B, 3, S, 2S)
+    frames = torch.stack(frames, 1)                                          # (B, T, 3, S, 2S)
+    for b in range(frames.shape[0]):
+        suffix = f"_{b}" if frames.shape[0] > 1 else ''
+        data.save_gif(frames[b], os.path.join(out_dir, f"{name}{suffix}_orbit.gif"))
+
+
+def load_inputs(args, image_size):
+    """(name, image (1, 3, S, S), depth (1, 1, S, S)) for each input image."""
+    paths = data.list_images(args.input)
+    depth_paths = data.match_depth(paths, args.depth)  # None where depth must be estimated
+    estimator = None
+    for path, depth_path in zip(paths, depth_paths):
+        if depth_path is None and estimator is None:
+            print(f"no depth map for {path}: estimating it with MiDaS", file=sys.stderr)
+            estimator = data.load_depth_estimator()
+        image, depth = data.load_rgbd(path, depth_path, image_size, estimator=estimator)
+        yield os.path.splitext(os.path.basename(path))[0], image[None], depth[None]
+
+
+# -----------------------------------------------------------------------------
+# --eval: reconstruction quality on held-out synthetic scenes, where the true 3D is known
+
+NOVEL_VIEWS = [(-math.pi / 12, 0.0), (math.pi / 12, 0.0), (-math.pi / 6, 0.0), (math.pi / 6, 0.0),
+               (0.0, -math.pi / 18), (0.0, math.pi / 18)]  # (yaw, pitch) offsets from the canonical camera
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio of images in [0, 1], per image, in dB."""
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+@torch.no_grad()
+def evaluate(model, args, device, seed, image_size):
+    import diffusion
+    from tqdm import tqdm
+    scenes = data.SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
+    S = args.resolution or image_size
+    opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
+    canon_psnr, canon_mae, novel_psnr, novel_mae, depths = [], [], [], [], []
+    for i in tqdm(range(len(scenes)), desc='eval'):
+        item = scenes[i]
+        image, depth = item['image'][None].to(device), item['depth'][None].to(device)
+        planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
+        for k, (dyaw, dpitch) in enumerate([(0.0, 0.0)] + NOVEL_VIEWS):
+            yaw, pitch = math.pi / 2 + dyaw, math.pi / 2 + dpitch
+            true_rgb, true_depth = scenes.render_view(i, yaw, pitch, S)
+            rgb, d = model.render_view(planes, yaw, pitch, S, **opts)
+            p = psnr((rgb + 1) / 2, true_rgb[None].to(device)).item()
+            mae = (d - true_depth[None].to(device)).abs().mean().item()
+            (canon_psnr if k == 0 else novel_psnr).append(p)
+            (canon_mae if k == 0 else novel_mae).append(mae)
+            if k == 0:
+                depths.append(d.cpu())
+    mean = lambda v: sum(v) / len(v)
+    return dict(psnr_canonical=mean(canon_psnr), depth_mae_canonical=mean(canon_mae),
+                psnr_novel=mean(novel_psnr), depth_mae_novel=mean(novel_mae),
+                nfs=float(diffusion.non_flatness_score(torch.cat(depths))), scenes=len(scenes),
+                novel_views=[[round(y, 4), round(p, 4)] for y, p in NOVEL_VIEWS], resolution=S,
+                samples=[args.n_coarse, args.n_fine], seed=seed)
+
+
+def print_table(rows):
+    width = max(len(k) for k in rows)
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+# -----------------------------------------------------------------------------
+# --class_id: generate RGB-D images with f_rgbd, then lift each to 3D with f_trigen
+
+@torch.no_grad()
+def generate(args, device, out_dir):
+    import diffusion
+    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device)
+    labels = torch.full((args.num,), args.class_id, device=device, dtype=torch.long)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    size = denoiser.image_size
+    x = diffusion.ddim_sample(denoiser, (args.num, 4, size, size), labels, steps=args.steps, eta=args.eta,
+                              guidance_scale=args.guidance, generator=gen, progress=True)
+    image, depth = diffusion.x_to_rgbd(x)                                    # [0, 1] and scene units
+    grid = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
+    data.save_grid(grid, os.path.join(out_dir, f"class{args.class_id}_rgbd.png"), nrow=2)
+    print(f"wrote {os.path.join(out_dir, f'class{args.class_id}_rgbd.png')}")
+    if os.path.isfile(args.ckpt):
+        model = load_model(args.ckpt, args.official, device)
+        for b in range(args.num):
+            reconstruct(model, image[b:b + 1], depth[b:b + 1], f"class{args.class_id}_{b}", out_dir, args)
+        print(f"wrote {args.num} orbit GIFs to {out_dir}")
+    else:
+        print(f"no f_trigen checkpoint at {args.ckpt}: wrote the RGB-D samples only")
+    return image, depth
+
+
+def main(argv):
+    args = parse_args(argv)
+    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(args.seed)
+    if args.class_id is not None:
+        out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'samples')
+        generate(args, device, out_dir)
+        return
+    model = load_model(args.ckpt, args.official, device)
+    out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
+    image_size = model.config['image_size']
+    # held-out scenes: a seed the training run never used
+    ckpt_seed = torch.load(args.ckpt, map_location='cpu', weights_only=False).get('config', {}).get('seed', 1337) \
+        if not args.official else 1337
+    heldout_seed = ckpt_seed + 1
+    if args.eval:
+        metrics = evaluate(model, args, device, heldout_seed, image_size)
+        print_table(metrics)
+        path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'eval.json')
+        with open(path + '.tmp', 'w') as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(path + '.tmp', path)
+        print(f"wrote {path}")
+        return
+    if args.input:
+        for name, image, depth in load_inputs(args, image_size):
+            reconstruct(model, image.to(device), depth.to(device), name, out_dir, args)
+    else:
+        scenes = data.SyntheticScenes(args.num_scenes, image_size=image_size, seed=heldout_seed)
+        batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
+        reconstruct(model, batch['image'].to(device), batch['depth'].to(device), 'scene', out_dir, args)
+    print(f"wrote pictures to {out_dir}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
