@@ -320,11 +320,11 @@ def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
         if w['vgg'] and perceptual.get('vgg') is not None:
             terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(0, 1, 2, 3, 4))
         if w['clip'] and perceptual.get('clip') is not None:
-            terms['clip'] = w['clip'] * perceptual['clip'](rgb, image)
+            terms['clip'] = w['clip'] * perceptual['clip'](rgb, image_r)
     else:
         # Novel views get no pixels: CLIP and deep VGG features keep the input's semantics, TV keeps depth smooth.
         if cfg['w_clip_novel'] and perceptual.get('clip') is not None:
-            terms['clip'] = cfg['w_clip_novel'] * perceptual['clip'](rgb, image)
+            terms['clip'] = cfg['w_clip_novel'] * perceptual['clip'](rgb, image_r)
         if cfg['w_vgg_novel'] and perceptual.get('vgg') is not None:
             terms['vgg'] = cfg['w_vgg_novel'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
         terms['tv'] = cfg['w_tv_novel'] * tv_loss(pred_depth)
@@ -343,7 +343,7 @@ def load_perceptual(cfg, device, rank):
             continue
         try:
             if name == 'vgg':
-                module = losses.VGGPerceptual(pretrained=True, lpips_weights=cfg['lpips_weights'] or None)
+                module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None)
             else:
                 module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'])
         except losses.WeightsUnavailable as e:

@@ -1,0 +1,374 @@
+"""
+Tests for losses.py. The network losses run with small random-initialised backbones (pretrained
+weights cannot be downloaded in tests); the pretrained paths are tested for their offline errors with
+every network access blocked.
+"""
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import losses
+
+
+def _pair(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(shape, generator=g) * 2 - 1
+    b = torch.rand(shape, generator=g) * 2 - 1
+    return a, b
+
+
+def _zero_positive_differentiable(loss_fn, a, b):
+    assert loss_fn(a, a.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    p = a.clone().requires_grad_(True)
+    loss = loss_fn(p, b)
+    assert loss.item() > 0
+    loss.backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    return loss
+
+
+# -----------------------------------------------------------------------------
+# pixel losses
+
+def test_recon_and_depth_losses():
+    a, b = _pair((2, 3, 8, 8))
+    for kind in ('l1', 'l2'):
+        _zero_positive_differentiable(lambda x, y: losses.recon_loss(x, y, kind), a, b)
+    assert losses.recon_loss(a, b, 'l1').item() == pytest.approx((a - b).abs().mean().item(), rel=1e-6)
+    assert losses.recon_loss(a, b, 'l2').item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="'l3'"):
+        losses.recon_loss(a, b, 'l3')
+
+    d, e = _pair((2, 1, 8, 8), seed=1)
+    d, e = d + 5, e + 5  # scene units
+    _zero_positive_differentiable(losses.depth_loss, d, e)
+    assert losses.depth_loss(d, e).item() == pytest.approx((d - e).abs().mean().item(), rel=1e-6)
+
+
+def test_pairwise_losses_reject_shape_mismatch():
+    # (B, R, 1) render output against a (B, 1, S, S) map would broadcast silently into nonsense
+    with pytest.raises(ValueError, match=r"\(2, 64, 1\).*\(2, 1, 8, 8\)"):
+        losses.depth_loss(torch.zeros(2, 64, 1), torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="differ in shape"):
+        losses.recon_loss(torch.zeros(2, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+
+
+def test_tv_loss_matches_hand_computation():
+    d = torch.tensor([[1., 2., 4.],
+                      [1., 3., 7.]]).view(1, 1, 2, 3)
+    # along rows: (1-2)^2, (2-4)^2, (1-3)^2, (3-7)^2 -> mean 25/4
+    # along columns: (1-1)^2, (2-3)^2, (4-7)^2 -> mean 10/3
+    assert losses.tv_loss(d).item() == pytest.approx(25 / 4 + 10 / 3, rel=1e-6)
+    # batch of two: the mean runs over the batch too
+    d2 = torch.cat([d, torch.zeros_like(d)])
+    assert losses.tv_loss(d2).item() == pytest.approx((25 / 4 + 10 / 3) / 2, rel=1e-6)
+    # constant depth -> 0; otherwise positive with a gradient
+    assert losses.tv_loss(torch.full((2, 1, 5, 5), 4.5)).item() == 0.0
+    p = (torch.rand(2, 1, 6, 6) + 4).requires_grad_(True)
+    loss = losses.tv_loss(p)
+    assert loss.item() > 0
+    loss.backward()
+    assert p.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"\(2, 36, 1\)"):
+        losses.tv_loss(torch.zeros(2, 36, 1))
+
+
+def test_opacity_loss():
+    assert losses.opacity_loss(torch.ones(2, 16, 1)).item() == 0.0
+    assert losses.opacity_loss(torch.full((2, 16, 1), 0.25)).item() == pytest.approx(0.75)
+    o = torch.full((2, 16, 1), 0.5, requires_grad=True)
+    losses.opacity_loss(o).backward()
+    assert torch.allclose(o.grad, torch.full_like(o, -1 / 32))
+
+
+# -----------------------------------------------------------------------------
+# VGG perceptual
+
+@pytest.fixture(scope='module')
+def vgg():
+    return losses.VGGPerceptual(pretrained=False)
+
+
+def _lpips_reference(backbone, pred, target, lin_weights, levels):
+    """LPIPS written out independently: scaling layer, sqrt-norm channel normalisation, 1x1 'lin' conv
+    on the squared difference, spatial mean, sum over levels."""
+    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+    x, y = (pred - shift) / scale, (target - shift) / scale
+    total = 0
+    for l, part in enumerate(backbone):
+        x, y = part(x), part(y)
+        if l in levels:
+            nx = x / (torch.sqrt((x ** 2).sum(1, keepdim=True)) + 1e-10)
+            ny = y / (torch.sqrt((y ** 2).sum(1, keepdim=True)) + 1e-10)
+            total = total + F.conv2d((nx - ny) ** 2, lin_weights[l]).mean(dim=(2, 3))  # (B, 1)
+    return total.mean()
+
+
+def test_vgg_backbone_is_vgg16_sliced_at_the_lpips_relus(vgg):
+    with torch.device('meta'):
+        ref = torchvision.models.vgg16(weights=None).features  # shapes only, no memory, no download
+    for l, (a, b) in enumerate(losses.VGG_SLICES):
+        assert isinstance(ref[b - 1], nn.ReLU)  # each level ends at relu{l+1}_{2 or 3}
+        ours = vgg.backbone[l]
+        assert [type(m) for m in ours] == [type(m) for m in ref[a:b]]
+        assert [p.shape for p in ours.parameters()] == [p.shape for p in ref[a:b].parameters()]
+        assert ours[-2].out_channels == losses.VGG_CHANNELS[l]
+    assert [b - 1 for _, b in losses.VGG_SLICES] == [3, 8, 15, 22, 29]
+
+
+def test_vgg_zero_positive_differentiable_and_frozen(vgg):
+    a, b = _pair((2, 3, 32, 32))
+    _zero_positive_differentiable(vgg, a, b)
+    for p in vgg.backbone.parameters():
+        assert not p.requires_grad and p.grad is None
+    assert not vgg.backbone.training
+    loss = _zero_positive_differentiable(lambda x, y: vgg(x, y, levels=(3, 4)), a, b)
+    assert loss.item() > 0
+
+
+def test_vgg_matches_lpips_formula_with_uniform_weights(vgg):
+    a, b = _pair((2, 3, 32, 32), seed=3)
+    ones = [torch.ones(1, c, 1, 1) for c in losses.VGG_CHANNELS]
+    with torch.no_grad():
+        ref = _lpips_reference(vgg.backbone, a, b, ones, levels=range(5))
+        assert vgg(a, b).item() == pytest.approx(ref.item(), rel=1e-5)
+        ref34 = _lpips_reference(vgg.backbone, a, b, ones, levels=(3, 4))
+        assert vgg(a, b, levels=(3, 4)).item() == pytest.approx(ref34.item(), rel=1e-5)
+    # uniform weights = sum over unit vectors' squared differences: each level lies in [0, 4]
+    for d in vgg.level_distances(a, b):
+        assert (d >= 0).all() and (d <= 4).all()
+
+
+def test_vgg_level_selection_and_weights(vgg):
+    a, b = _pair((2, 3, 32, 32), seed=4)
+    with torch.no_grad():
+        d = [x.mean().item() for x in vgg.level_distances(a, b)]
+        assert all(x > 0 for x in d)
+        full = vgg(a, b).item()
+        assert full == pytest.approx(sum(d), rel=1e-5)
+        deep = vgg(a, b, levels=(3, 4)).item()
+        assert deep == pytest.approx(d[3] + d[4], rel=1e-5)
+        assert vgg(a, b, levels=(1,)).item() == pytest.approx(d[1], rel=1e-5)
+        # levels=(3, 4) ignores the shallow levels whatever their weights
+        assert vgg(a, b, levels=(3, 4), weights=(100., 100., 100., 1., 1.)).item() == pytest.approx(deep, rel=1e-6)
+        # zero weights on the shallow levels == selecting the deep ones
+        assert vgg(a, b, weights=(0., 0., 0., 1., 1.)).item() == pytest.approx(deep, rel=1e-5)
+        # changing only level 2's weight changes the loss by exactly that much of d_2
+        assert vgg(a, b, weights=(1., 1., 3., 1., 1.)).item() == pytest.approx(full + 2 * d[2], rel=1e-5)
+        # reduction='none' keeps the batch
+        per = vgg(a, b, reduction='none')
+        assert per.shape == (2,) and per.mean().item() == pytest.approx(full, rel=1e-6)
+    # shallow-level-only changes: only levels <= max(levels) are computed, grads reach the input
+    p = a.clone().requires_grad_(True)
+    vgg(p, b, levels=(0,)).backward()
+    assert p.grad.abs().sum() > 0
+    for bad in [(5,), (), (3, 3), (-1,)]:
+        with pytest.raises(ValueError, match='levels'):
+            vgg(a, b, levels=bad)
+    with pytest.raises(ValueError, match='weights'):
+        vgg(a, b, weights=(1., 1.))
+    with pytest.raises(ValueError, match=r'\(2, 1, 32, 32\)'):
+        vgg(a[:, :1], b[:, :1])
+
+
+def test_vgg_backbone_loaded_once_and_never_in_a_checkpoint(vgg):
+    other = losses.VGGPerceptual(pretrained=False)
+    assert other.backbone is vgg.backbone  # module-level cache: no second build/load
+    # the loss owns no parameters and adds nothing to a state_dict, even if attached to a model
+    assert list(other.parameters()) == [] and len(other.state_dict()) == 0
+    model = nn.Linear(2, 2)
+    model.perceptual = other
+    assert set(model.state_dict()) == {'weight', 'bias'}
+    assert len(list(model.parameters())) == 2
+    model.train()  # a parent's train() cannot switch the shared backbone out of eval mode
+    assert not other.backbone.training
+
+
+def test_vgg_calibration_file(vgg, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    # the lpips package's vgg.pth layout: lin{k}.model.1.weight (1, C, 1, 1) (model.0 is a Dropout)
+    state = {f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1, generator=g) * 0.1
+             for k, c in enumerate(losses.VGG_CHANNELS)}
+    path = tmp_path / 'vgg.pth'
+    torch.save(state, path)
+    cal = losses.VGGPerceptual(pretrained=False, calibration_path=str(path))
+    assert cal.backbone is vgg.backbone
+    assert len(cal.state_dict()) == 0
+    a, b = _pair((2, 3, 32, 32), seed=6)
+    lin = [state[f'lin{k}.model.1.weight'] for k in range(5)]
+    with torch.no_grad():
+        ref = _lpips_reference(vgg.backbone, a, b, lin, levels=range(5))
+        got = cal(a, b).item()
+        assert got == pytest.approx(ref.item(), rel=1e-5)
+        assert got != pytest.approx(vgg(a, b).item(), rel=1e-2)  # the weights are actually used
+        ref34 = _lpips_reference(vgg.backbone, a, b, lin, levels=(3, 4))
+        assert cal(a, b, levels=(3, 4)).item() == pytest.approx(ref34.item(), rel=1e-5)
+    _zero_positive_differentiable(cal, a, b)
+
+    missing = dict(state)
+    del missing['lin3.model.1.weight']
+    torch.save(missing, tmp_path / 'missing.pth')
+    with pytest.raises(ValueError, match=r'missing\.pth lacks key lin3\.model\.1\.weight'):
+        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'missing.pth'))
+    wrong = dict(state)
+    wrong['lin2.model.1.weight'] = torch.rand(1, 128, 1, 1)
+    torch.save(wrong, tmp_path / 'wrong.pth')
+    with pytest.raises(ValueError, match=r'lin2\.model\.1\.weight in .*wrong\.pth has shape \(1, 128, 1, 1\), expected \(1, 256, 1, 1\)'):
+        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'wrong.pth'))
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match=r'junk\.pth'):
+        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'junk.pth'))
+
+
+def test_vgg_gradient_finite_at_all_zero_features(vgg):
+    # an input equal to the LPIPS shift is zero after scaling, so with the zero biases of the random
+    # init every feature vector is exactly zero (norm 0): the loss and its gradient must stay finite
+    p = torch.tensor(losses.LPIPS_SHIFT).view(1, 3, 1, 1).expand(1, 3, 32, 32).clone().requires_grad_(True)
+    assert all((f == 0).all() for f in _features(vgg, p.detach()))
+    t = torch.rand(1, 3, 32, 32) * 2 - 1
+    loss = vgg(p, t)
+    loss.backward()
+    # unit vectors against zero vectors: every level contributes exactly 1
+    assert loss.item() == pytest.approx(5.0, rel=1e-5)
+    assert torch.isfinite(p.grad).all()
+
+
+def _features(vgg, x):
+    x = (x - torch.tensor(losses.LPIPS_SHIFT).view(1, 3, 1, 1)) / torch.tensor(losses.LPIPS_SCALE).view(1, 3, 1, 1)
+    out = []
+    for part in vgg.backbone:
+        x = part(x)
+        out.append(x)
+    return out
+
+
+def _block_network(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('network disabled by test')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    try:
+        from huggingface_hub import constants
+        monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # read at import time, so patch it too
+    except ImportError:
+        pass
+
+
+def test_vgg_pretrained_offline_error(tmp_path, monkeypatch):
+    _block_network(monkeypatch)
+    monkeypatch.setattr(losses, '_BACKBONES', {})
+    old_hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / 'hub'))
+    try:
+        with pytest.raises(losses.WeightsUnavailable) as info:
+            losses.VGGPerceptual(pretrained=True)
+    finally:
+        torch.hub.set_dir(old_hub)
+    msg = str(info.value)
+    assert '\n' not in msg
+    assert 'VGG16' in msg and 'IMAGENET1K_V1' in msg
+    assert str(tmp_path / 'hub' / 'checkpoints' / 'vgg16-397923af.pth') in msg
+    assert 'download.pytorch.org' in msg
+    assert 'w_vgg=0' in msg
+    assert losses._BACKBONES == {}  # never a silent fallback to random weights
+
+
+# -----------------------------------------------------------------------------
+# CLIP embedding loss
+
+TINY_CLIP = 'g3dr-test-tiny-clip'
+
+
+@pytest.fixture(scope='module')
+def tiny_clip(tmp_path_factory):
+    """A tiny open_clip ViT registered as a model config, so the loss goes through open_clip's real
+    create_model path (random init, input size 32)."""
+    import open_clip
+    cfg = dict(embed_dim=16,
+               vision_cfg=dict(image_size=32, layers=2, width=32, patch_size=8, head_width=16),
+               text_cfg=dict(context_length=8, vocab_size=64, width=16, heads=1, layers=1))
+    path = tmp_path_factory.mktemp('open_clip_cfg') / f'{TINY_CLIP}.json'
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=None)
+
+
+def test_clip_zero_positive_differentiable_and_frozen(tiny_clip):
+    a, b = _pair((2, 3, 48, 48), seed=7)
+    _zero_positive_differentiable(tiny_clip, a, b)
+    assert tiny_clip.image_size == (32, 32)
+    assert all(not p.requires_grad for p in tiny_clip.model.parameters())
+    assert not tiny_clip.model.training
+    # the target branch gets no gradient
+    p, t = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    tiny_clip(p, t).backward()
+    assert p.grad.abs().sum() > 0 and t.grad is None
+    assert len(tiny_clip.state_dict()) == 0 and list(tiny_clip.parameters()) == []
+    assert losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=None).model is tiny_clip.model  # loaded once
+
+
+def test_clip_preprocessing(tiny_clip):
+    import open_clip
+    a, b = _pair((2, 3, 48, 48), seed=8)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def embed(x):  # [-1, 1] -> [0, 1] -> bilinear to 32 -> CLIP normalisation -> encode_image
+        x = F.interpolate((x + 1) / 2, size=(32, 32), mode='bilinear', align_corners=False)
+        return tiny_clip.model.encode_image((x - mean) / std)
+
+    with torch.no_grad():
+        ref = (embed(a) - embed(b)).abs().mean()
+        assert tiny_clip(a, b).item() == pytest.approx(ref.item(), rel=1e-5)
+        # a wrong input range gives a different value (the mapping matters)
+        wrong = (tiny_clip.model.encode_image(((F.interpolate(a, size=(32, 32), mode='bilinear') - mean) / std))
+                 - embed(b)).abs().mean()
+        assert tiny_clip(a, b).item() != pytest.approx(wrong.item(), rel=1e-3)
+    with pytest.raises(ValueError, match=r'\(2, 4, 48, 48\)'):
+        tiny_clip(torch.zeros(2, 4, 48, 48), torch.zeros(2, 4, 48, 48))
+
+
+def test_clip_openai_tag_asks_for_quick_gelu(tiny_clip, monkeypatch):
+    # the OpenAI ViT-B/16 was trained with QuickGELU; the plain 'ViT-B-16' config says GELU
+    import open_clip
+    calls, tiny = [], tiny_clip.model
+
+    def fake_create_model(name, **kwargs):
+        calls.append((name, kwargs))
+        return tiny
+
+    monkeypatch.setattr(open_clip, 'create_model', fake_create_model)
+    monkeypatch.setattr(losses, '_BACKBONES', {})
+    losses.CLIPEmbeddingLoss('ViT-B-16', 'openai')
+    assert calls[0][0] == 'ViT-B-16' and calls[0][1]['pretrained'] == 'openai'
+    assert calls[0][1]['force_quick_gelu'] is True
+
+
+def test_clip_pretrained_offline_error(tmp_path, monkeypatch):
+    _block_network(monkeypatch)
+    monkeypatch.setattr(losses, '_BACKBONES', {})
+    cache = tmp_path / 'clip_cache'
+    with pytest.raises(losses.WeightsUnavailable) as info:
+        losses.CLIPEmbeddingLoss('ViT-B-16', 'openai', cache_dir=str(cache))
+    msg = str(info.value)
+    assert '\n' not in msg
+    assert "'ViT-B-16'" in msg and "'openai'" in msg
+    assert 'timm/vit_base_patch16_clip_224.openai' in msg
+    assert str(cache) in msg
+    assert 'w_clip=0' in msg and 'clip_pretrained' in msg and 'clip_model' in msg
+    assert losses._BACKBONES == {}
+
+
+def test_clip_bad_names():
+    with pytest.raises(ValueError, match="'no-such-model'.*clip_model"):
+        losses.CLIPEmbeddingLoss('no-such-model', 'openai')
+    with pytest.raises(ValueError, match="'no-such-tag'.*clip_pretrained"):
+        losses.CLIPEmbeddingLoss('ViT-B-16', 'no-such-tag')
