@@ -1,0 +1,669 @@
+"""Tests of data.py: the ImageNet-with-depth loader and its input checks, the synthetic scenes
+against independent ray casting, and make_depth with a stand-in estimator."""
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+from data import DataError, ImageNetDepth, SyntheticScenes
+
+HERE = Path(__file__).resolve().parent
+SAMPLES = HERE.parent / "shared" / "data" / "imagenet_samples"
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real samples not found at {SAMPLES} "
+                                   "(the shared/ folder sits beside the repository)")
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def _write_pair(folder, name, size=(40, 30), depth_size=None, depth=None, ext='.jpg', image=None):
+    """A random RGB image NAME.ext and a 16-bit depth map NAME_depth.png (W x H sizes)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    w, h = size
+    if image is None:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    image.save(folder / f"{name}{ext}")
+    if depth is None:
+        dw, dh = depth_size or size
+        depth = rng.integers(0, 65536, (dh, dw), dtype=np.uint16)
+    Image.fromarray(depth).save(folder / f"{name}_depth.png")
+    return folder / f"{name}{ext}"
+
+
+def _read(path):
+    """An image file, decoded and closed."""
+    with Image.open(path) as image:
+        image.load()
+    return image
+
+
+def _raises(match, fn, *args, **kwargs):
+    """fn raises DataError whose one-line message contains every string in `match`."""
+    with pytest.raises(DataError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert '\n' not in message, message
+    for part in match:
+        assert str(part) in message, (part, message)
+    return message
+
+
+@pytest.fixture
+def sample_tree(tmp_path):
+    """The 12 real pairs as two class folders of symlinks: 'cls_a' (5 pairs) and 'cls_b' (7 pairs)."""
+    if not SAMPLES.is_dir():
+        pytest.skip(f"real samples not found at {SAMPLES}")
+    root = tmp_path / 'real'
+    names = sorted(p.stem for p in SAMPLES.glob('*.jpg'))
+    assert len(names) == 12
+    for i, name in enumerate(names):
+        folder = root / ('cls_a' if i < 5 else 'cls_b')
+        folder.mkdir(parents=True, exist_ok=True)
+        for file in (f"{name}.jpg", f"{name}_depth.png"):
+            (folder / file).symlink_to(SAMPLES / file)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# ImageNetDepth on the real samples
+
+@needs_samples
+def test_real_samples_load(sample_tree):
+    ds = ImageNetDepth(sample_tree, image_size=128, flip=False)
+    assert len(ds) == 12 and ds.classes == ['cls_a', 'cls_b'] and ds.num_classes == 2
+    labels = []
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item['image'].shape == (3, 128, 128) and item['image'].dtype == torch.float32
+        assert item['depth'].shape == (1, 128, 128) and item['depth'].dtype == torch.float32
+        assert 0 <= item['image'].min() and item['image'].max() <= 1
+        assert 4 <= item['depth'].min() and item['depth'].max() < 6
+        assert item['depth'].max() - item['depth'].min() > 1  # the full normalised range, not a flat map
+        assert Path(item['path']).exists() and Path(item['path']).parent.name == ds.classes[item['label']]
+        labels.append(item['label'])
+    assert labels == [0] * 5 + [1] * 7
+
+
+@needs_samples
+def test_real_samples_orientation(sample_tree):
+    """At the native 256 x 256 the item is the files' pixels exactly; at 128 it is their downsampled
+    version, not a flipped or transposed one."""
+    name = sorted(p.stem for p in SAMPLES.glob('*.jpg'))[0]
+    png = np.asarray(_read(SAMPLES / f"{name}_depth.png")).astype(np.float64)
+    jpg = np.asarray(_read(SAMPLES / f"{name}.jpg").convert('RGB')).astype(np.float64)
+    expected_depth = torch.from_numpy(png / 65536 * 2 + 4)
+    native = ImageNetDepth(sample_tree, image_size=256, flip=False)[0]
+    assert Path(native['path']).stem == name
+    assert torch.allclose(native['depth'][0].double(), expected_depth, atol=1e-6)
+    assert torch.allclose(native['image'].double(), torch.from_numpy(jpg).permute(2, 0, 1) / 255, atol=1e-6)
+
+    small = ImageNetDepth(sample_tree, image_size=128, flip=False)[0]['depth'][0].double()
+    reference = F.interpolate(expected_depth[None, None], size=(128, 128), mode='area')[0, 0]
+    err = (small - reference).abs().mean()
+    assert err < 0.02
+    for wrong in (reference.flip(0), reference.flip(1), reference.T):
+        assert (small - wrong).abs().mean() > 5 * err
+
+
+@needs_samples
+def test_flip_flips_image_and_depth_together(sample_tree):
+    plain = ImageNetDepth(sample_tree, image_size=64, flip=False)[3]
+    flipping = ImageNetDepth(sample_tree, image_size=64, flip=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(12):
+        item = flipping[3]
+        if torch.equal(item['image'], plain['image']):
+            assert torch.equal(item['depth'], plain['depth'])
+            seen.add('plain')
+        else:
+            assert torch.equal(item['image'], plain['image'].flip(-1))
+            assert torch.equal(item['depth'], plain['depth'].flip(-1))
+            seen.add('flipped')
+    assert seen == {'plain', 'flipped'}
+    assert not torch.equal(plain['image'], plain['image'].flip(-1))
+
+
+@needs_samples
+def test_separate_depth_root(tmp_path, sample_tree):
+    images, depths = tmp_path / 'images', tmp_path / 'depths'
+    for file in sample_tree.rglob('*'):
+        if file.is_file():
+            rel = file.relative_to(sample_tree)
+            target = (depths if file.name.endswith('_depth.png') else images) / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(file.resolve())
+    together = ImageNetDepth(sample_tree, image_size=64, flip=False)
+    apart = ImageNetDepth(images, image_size=64, depth_root=depths, flip=False)
+    assert len(apart) == 12 and apart.classes == together.classes
+    for i in (0, 11):
+        assert torch.equal(apart[i]['image'], together[i]['image'])
+        assert torch.equal(apart[i]['depth'], together[i]['depth'])
+        assert apart[i]['label'] == together[i]['label']
+    _raises(['depth folder', 'does not exist'], ImageNetDepth, images, depth_root=tmp_path / 'nope')
+    _raises(['12 of 12', str(images)], ImageNetDepth, images)  # depth maps are elsewhere
+
+
+# -----------------------------------------------------------------------------
+# ImageNetDepth on made-up files: layouts, conversions, geometry
+
+def test_flat_folder_is_one_class_and_jpeg_names_work(tmp_path):
+    _write_pair(tmp_path, 'n01440764_10026', ext='.JPEG')
+    _write_pair(tmp_path, 'b', ext='.png')
+    ds = ImageNetDepth(tmp_path, image_size=16, flip=False)
+    assert len(ds) == 2 and ds.num_classes == 1
+    assert {Path(ds[i]['path']).name for i in range(2)} == {'n01440764_10026.JPEG', 'b.png'}
+    assert all(ds[i]['label'] == 0 for i in range(2))
+
+
+def test_class_folders_with_subfolders(tmp_path):
+    _write_pair(tmp_path / 'zebra' / 'more', 'a')
+    _write_pair(tmp_path / 'ant', 'b')
+    ds = ImageNetDepth(tmp_path, image_size=8, flip=False)
+    assert ds.classes == ['ant', 'zebra']
+    assert {Path(ds[i]['path']).name: ds[i]['label'] for i in range(2)} == {'b.jpg': 0, 'a.jpg': 1}
+
+
+def test_non_square_images_are_centre_cropped_with_their_depth(tmp_path):
+    w, h = 60, 40
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, :10] = (255, 0, 0)
+    pixels[:, 10:50] = (0, 255, 0)
+    pixels[:, 50:] = (0, 0, 255)
+    depth = np.tile(np.arange(w, dtype=np.uint16) * 1000, (h, 1))
+    _write_pair(tmp_path / 'wide', 'x', size=(w, h), depth=depth, ext='.png', image=Image.fromarray(pixels))
+    item = ImageNetDepth(tmp_path / 'wide', image_size=40, flip=False)[0]  # crop only, no resampling
+    assert torch.equal(item['image'], torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, 40, 40))
+    expected = torch.from_numpy(np.arange(10, 50) * 1000 / 65536 * 2 + 4).float()
+    assert torch.allclose(item['depth'][0], expected.expand(40, 40), atol=1e-6)
+
+    tall = _write_pair(tmp_path / 'tall', 'y', size=(h, w), depth=np.ascontiguousarray(depth.T), ext='.png',
+                       image=Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 0, 2))))
+    item = ImageNetDepth(tall.parent, image_size=20, flip=False)[0]  # crop + Lanczos resize
+    assert (item['image'][1] > 0.9).all() and (item['image'][[0, 2]] < 0.1).all()
+    column = item['depth'][0, :, 10]
+    assert (column.diff() > 0).all()  # depth grows down the rows, as in the file
+    assert 4 + 10000 / 32768 - 0.02 < column.min() and column.max() < 4 + 49000 / 32768 + 0.02
+
+
+def test_grey_rgba_cmyk_palette_and_16bit_images_are_converted(tmp_path):
+    grey = Image.fromarray(np.full((8, 8), 77, np.uint8))
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :4, 3] = 255  # left half opaque red, right half transparent
+    cmyk = Image.new('CMYK', (8, 8), (255, 0, 0, 0))  # pure cyan
+    palette = Image.fromarray(np.full((8, 8, 3), (10, 20, 30), np.uint8)).convert('P')
+    sixteen = Image.fromarray(np.full((8, 8), 65535, np.uint16))
+    _write_pair(tmp_path, 'grey', size=(8, 8), image=grey)
+    _write_pair(tmp_path, 'rgba', size=(8, 8), image=Image.fromarray(rgba), ext='.png')
+    _write_pair(tmp_path, 'cmyk', size=(8, 8), image=cmyk)
+    _write_pair(tmp_path, 'palette', size=(8, 8), image=palette, ext='.png')
+    _write_pair(tmp_path, 'sixteen', size=(8, 8), image=sixteen, ext='.png')
+    ds = ImageNetDepth(tmp_path, image_size=8, flip=False)
+    items = {Path(ds[i]['path']).stem: ds[i]['image'] for i in range(len(ds))}
+    assert all(image.shape == (3, 8, 8) for image in items.values())
+    g = items['grey']
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2]) and abs(g.mean() - 77 / 255) < 0.02
+    assert torch.allclose(items['rgba'][:, :, :4], torch.tensor([200 / 255, 0, 0])[:, None, None].expand(3, 8, 4))
+    assert torch.equal(items['rgba'][:, :, 4:], torch.ones(3, 8, 4))  # transparent -> white
+    c = items['cmyk'].mean((1, 2))
+    assert c[0] < 0.1 and c[1] > 0.9 and c[2] > 0.9
+    assert torch.allclose(items['palette'].mean((1, 2)), torch.tensor([10, 20, 30]) / 255, atol=0.02)
+    assert torch.equal(items['sixteen'], torch.ones(3, 8, 8))  # 16-bit white stays white, not clipped grey
+
+
+def test_exif_orientation_applies_to_image_and_is_what_depth_must_match(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 30 wide, 40 tall
+    image.save(tmp_path / 'r.jpg', exif=exif)
+    Image.fromarray(np.zeros((40, 30), np.uint16)).save(tmp_path / 'r_depth.png')
+    assert ImageNetDepth(tmp_path, image_size=16, flip=False)[0]['image'].shape == (3, 16, 16)
+    Image.fromarray(np.zeros((30, 40), np.uint16)).save(tmp_path / 'r_depth.png')
+    _raises(['r_depth.png', '40x30', '30x40'], ImageNetDepth(tmp_path, image_size=16).__getitem__, 0)
+
+
+# -----------------------------------------------------------------------------
+# ImageNetDepth: every bad input gives its one-line error
+
+def test_missing_and_empty_folders(tmp_path):
+    _raises(['image folder', str(tmp_path / 'nope'), 'does not exist'], ImageNetDepth, tmp_path / 'nope')
+    (tmp_path / 'file.txt').write_text('x')
+    _raises([str(tmp_path / 'file.txt'), 'not a folder'], ImageNetDepth, tmp_path / 'file.txt')
+    (tmp_path / 'empty' / 'cls').mkdir(parents=True)
+    (tmp_path / 'empty' / 'cls' / 'notes.txt').write_text('x')
+    _raises(['no images', str(tmp_path / 'empty')], ImageNetDepth, tmp_path / 'empty')
+
+
+def test_images_without_depth(tmp_path):
+    for name in ('a', 'b'):
+        _write_pair(tmp_path / 'cls', name)
+    for name in ('c', 'd', 'e', 'f'):
+        Image.new('RGB', (40, 30)).save(tmp_path / 'cls' / f"{name}.jpg")
+    _raises(['4 of 6', 'cls/c.jpg', 'cls/d.jpg', 'cls/e.jpg', 'skip_missing_depth', 'make_depth'], ImageNetDepth, tmp_path)
+    with pytest.warns(UserWarning, match='skipping 4 of 6'):
+        ds = ImageNetDepth(tmp_path, image_size=8, skip_missing_depth=True)
+    assert sorted(Path(ds[i]['path']).name for i in range(len(ds))) == ['a.jpg', 'b.jpg']
+    for name in ('a', 'b'):
+        (tmp_path / 'cls' / f"{name}_depth.png").unlink()
+    _raises(['none of the 6 images', str(tmp_path)], ImageNetDepth, tmp_path, skip_missing_depth=True)
+
+
+def test_depth_of_wrong_size(tmp_path):
+    _write_pair(tmp_path, 'a', size=(40, 30), depth_size=(20, 15))
+    _raises(['a_depth.png', '20x15', 'a.jpg', '40x30'], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+
+
+def test_8bit_and_colour_depth_maps(tmp_path):
+    _write_pair(tmp_path, 'a', depth=np.zeros((30, 40), np.uint8))
+    _raises(['a_depth.png', '8-bit', '16-bit'], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+    Image.new('RGB', (40, 30)).save(tmp_path / 'a_depth.png')
+    _raises(['a_depth.png', '8-bit'], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+
+
+def test_unreadable_and_truncated_files(tmp_path):
+    image = _write_pair(tmp_path, 'a', size=(64, 64))
+    good = image.read_bytes()
+    image.write_bytes(b'not an image at all')
+    _raises(['cannot read image', str(image)], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+    image.write_bytes(good[:len(good) // 2])
+    _raises(['cannot read image', str(image), 'truncated'], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+    image.write_bytes(good)
+    depth = tmp_path / 'a_depth.png'
+    depth.write_bytes(depth.read_bytes()[:200])
+    _raises(['cannot read depth map', str(depth)], ImageNetDepth(tmp_path, image_size=8).__getitem__, 0)
+
+
+def test_ambiguous_layouts(tmp_path):
+    _write_pair(tmp_path / 'mixed', 'top')
+    _write_pair(tmp_path / 'mixed' / 'cls', 'inner')
+    _raises(['top level', 'top.jpg', 'cls/'], ImageNetDepth, tmp_path / 'mixed')
+    _write_pair(tmp_path / 'twins', 'a', ext='.jpg')
+    _write_pair(tmp_path / 'twins', 'a', ext='.png')
+    _raises(['a.jpg', 'a.png', 'a_depth.png'], ImageNetDepth, tmp_path / 'twins')
+
+
+# -----------------------------------------------------------------------------
+# SyntheticScenes: an independent camera and ray-sphere / inside tests (numpy, float64)
+
+def _camera_rays(yaw, pitch, S, radius=5.0, fov=18.0):
+    """Rays (S*S, 3) of an orbit camera written from G3DR.md section 2, without render.py."""
+    origin = radius * np.array([math.sin(pitch) * math.sin(-yaw), math.cos(pitch), math.sin(pitch) * math.cos(yaw)])
+    forward = -origin / np.linalg.norm(origin)
+    left = np.cross([0.0, 1.0, 0.0], forward)
+    left /= np.linalg.norm(left)
+    up = np.cross(forward, left)
+    rotation = np.stack([-left, up / np.linalg.norm(up), -forward], axis=1)
+    cols, rows = np.meshgrid(np.linspace(-1, 1, S), np.linspace(1, -1, S))
+    dirs = np.stack([cols, rows, np.full_like(cols, -1 / math.tan(math.radians(fov) / 2))], -1).reshape(-1, 3)
+    dirs = dirs @ rotation.T
+    return np.broadcast_to(origin, dirs.shape), dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
+
+
+def _ray_sphere(o, d, centre, radius):
+    """Nearest intersection distance (inf on a miss) and the discriminant, from the textbook quadratic."""
+    oc = o - centre
+    b = (oc * d).sum(-1)
+    disc = b * b - ((oc * oc).sum(-1) - radius ** 2)
+    t = np.where(disc >= 0, -b - np.sqrt(np.maximum(disc, 0)), np.inf)
+    return t, disc
+
+
+def _inside(solid, p):
+    """Whether world points p (N, 3) are inside the solid, from the solids' defining inequalities."""
+    q = (p - solid['centre']) @ solid['rotation']  # local coordinates
+    x, y, z = q[:, 0], q[:, 1], q[:, 2]
+    a, b = solid['size'][0], solid['size'][1]
+    rho = np.sqrt(x * x + z * z)
+    shape = solid['shape']
+    if shape == 'sphere':
+        return x * x + y * y + z * z <= a * a
+    if shape == 'box':
+        return (np.abs(q) <= solid['size']).all(-1)
+    if shape == 'cylinder':
+        return (rho <= a) & (np.abs(y) <= b)
+    if shape == 'cone':
+        return (y >= -b) & (y <= b) & (rho <= a * (b - y) / (2 * b))
+    if shape == 'capsule':
+        return x * x + (y - np.clip(y, -b, b)) ** 2 + z * z <= a * a
+    return (rho - a) ** 2 + y * y <= b * b  # torus
+
+
+def _find(ds, want, count=1):
+    """Indices of the first scenes satisfying want(scene)."""
+    found = [i for i in range(len(ds)) if want(ds.scene(i))][:count]
+    assert len(found) == count, 'no such scene in the dataset'
+    return found
+
+
+def _canonical_raycast(scenes, S):
+    rays_o, rays_d = data.get_rays(data.orbit_camera(math.pi / 2, math.pi / 2), 18.0, S)
+    B = len(scenes)
+    return data.raycast(scenes, rays_o.float().expand(B, -1, -1), rays_d.float().expand(B, -1, -1))
+
+
+def test_synthetic_items():
+    ds = SyntheticScenes(64, image_size=32, seed=3)
+    assert len(ds) == 64 and ds.num_classes == len(ds.class_names) == 6
+    items = ds.__getitems__(list(range(16)))
+    for i, item in enumerate(items):
+        assert item['image'].shape == (3, 32, 32) and item['depth'].shape == (1, 32, 32)
+        assert 0 <= item['image'].min() and item['image'].max() <= 1
+        assert 4 <= item['depth'].min() and item['depth'].max() < 6  # every canonical ray hits in [4, 6)
+        assert item['label'] == ds.scene(i)['label'] and 0 <= item['label'] < 6
+        assert item['path'] == 'synthetic/seed3/%d' % i
+        assert item['image'].std() > 0.02  # not blank
+    assert len({item['label'] for item in items}) >= 4
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch['image'].shape == (4, 3, 32, 32) and batch['label'].tolist() == [it['label'] for it in items[:4]]
+    with pytest.raises(IndexError):
+        ds[64]
+    _raises(['num_scenes', '0'], SyntheticScenes, 0)
+
+
+def test_synthetic_is_deterministic_per_seed_and_index():
+    a, b = SyntheticScenes(10, 24, seed=5), SyntheticScenes(10, 24, seed=5)
+    assert torch.equal(a[7]['image'], b[7]['image']) and torch.equal(a[7]['depth'], b[7]['depth'])
+    assert torch.equal(a[7]['image'], a[7]['image'])
+    assert not torch.equal(a[7]['image'], a[6]['image'])
+    assert not torch.equal(a[7]['image'], SyntheticScenes(10, 24, seed=6)[7]['image'])
+    assert torch.equal(a[-3]['image'], a[7]['image'])
+
+
+def test_synthetic_scenes_cover_all_shapes_and_fit_the_canonical_view():
+    ds = SyntheticScenes(300, 32)
+    scenes = [ds.scene(i) for i in range(120)]
+    assert {s['label'] for s in scenes} == set(range(6))
+    _, depth, solid = _canonical_raycast(scenes, 32)
+    rng = np.random.default_rng(0)
+    for scene, visible in zip(scenes, solid):
+        main = scene['solids'][scene['main']]
+        assert main['shape'] == data.SHAPES[scene['label']]
+        assert (visible == scene['main']).float().mean() > 0.02  # the main object is in view
+        wall_x = scene['solids'][0]['centre'][0] - scene['solids'][0]['size'][0]
+        plinth = scene['solids'][1] if scene['main'] == 2 else None
+        for s in scene['solids'][scene['main']:]:
+            # points inside the object, by rejection from a cube that holds its bounding sphere
+            p = s['centre'] + rng.uniform(-1, 1, (20000, 3)) * s['size'].sum()
+            p = p[_inside(s, p)]
+            assert len(p) > 100
+            assert (np.abs(p) <= 1).all() and (p[:, 0] <= wall_x).all(), s['shape']  # in the box, before the wall
+            if plinth is not None:  # standing on the plinth: touching its top, not sunk into it
+                top = plinth['centre'][1] + plinth['size'][1]
+                assert top - 1e-9 <= p[:, 1].min() < top + 0.03, s['shape']
+
+
+def test_synthetic_sphere_depth_is_exact():
+    """A scene reduced to its back wall and main sphere, against the textbook ray-sphere and ray-plane
+    distances from an independent camera, at every pixel."""
+    S = 48
+    ds = SyntheticScenes(500, S)
+    (index,) = _find(ds, lambda s: s['label'] == 0)
+    scene = ds.scene(index)
+    wall, sphere = scene['solids'][0], scene['solids'][scene['main']]
+    reduced = dict(scene, solids=[wall, sphere])
+    _, depth, solid = _canonical_raycast([reduced], S)
+    o, d = _camera_rays(math.pi / 2, math.pi / 2, S)
+    t_sphere, disc = _ray_sphere(o, d, sphere['centre'], sphere['size'][0])
+    wall_x = wall['centre'][0] - wall['size'][0]
+    t_wall = (wall_x - o[:, 0]) / d[:, 0]
+    expected = np.where(np.isfinite(t_sphere), t_sphere, t_wall)
+    robust = np.abs(disc) > 1e-4  # leave out silhouette pixels, where float32 rays may differ
+    assert robust.mean() > 0.95 and (disc > 1e-4).sum() > 50
+    assert np.abs(depth[0].numpy() - expected)[robust].max() < 1e-4
+    assert ((solid[0].numpy() == 1) == np.isfinite(t_sphere))[robust].all()
+
+
+@pytest.mark.parametrize('yaw, pitch', [(math.pi / 2, math.pi / 2), (math.pi / 2 + 0.35, math.pi / 2 - 0.1)])
+def test_synthetic_sphere_scene_from_canonical_and_novel_views(yaw, pitch):
+    """The full scene of a lone sphere, through the dataset and render_view: its pixels carry the
+    analytic sphere depth."""
+    S = 40
+    ds = SyntheticScenes(500, S)
+    (index,) = _find(ds, lambda s: s['label'] == 0 and len(s['solids']) == s['main'] + 1)
+    sphere = ds.scene(index)['solids'][-1]
+    image, depth = ds.render_view(index, yaw, pitch, S)
+    o, d = _camera_rays(yaw, pitch, S)
+    t_sphere, disc = _ray_sphere(o, d, sphere['centre'], sphere['size'][0])
+    on_sphere = disc > 1e-4
+    assert on_sphere.sum() > 50
+    assert np.abs(depth.flatten().numpy() - t_sphere)[on_sphere].max() < 1e-4
+
+
+def test_synthetic_hits_are_first_entries_into_the_solids():
+    """For every shape: just before each hit point the ray is outside every solid of the scene, and
+    just after it, inside the solid hit (bar grazing rays at silhouettes)."""
+    S = 40
+    ds = SyntheticScenes(400, S)
+    indices = [_find(ds, lambda s, c=c: s['label'] == c)[0] for c in range(6)]
+    scenes = [ds.scene(i) for i in indices]
+    _, depth, solid = _canonical_raycast(scenes, S)
+    o, d = _camera_rays(math.pi / 2, math.pi / 2, S)
+    for scene, t, visible in zip(scenes, depth.double().numpy(), solid.numpy()):
+        before, after = o + (t - 2e-3)[:, None] * d, o + (t + 2e-3)[:, None] * d
+        for k, s in enumerate(scene['solids']):
+            assert not _inside(s, before).any(), s['shape']
+            mine = visible == k
+            if mine.sum() > 20:
+                assert _inside(s, after[mine]).mean() > 0.97, s['shape']
+
+
+def test_render_view_at_canonical_camera_equals_dataset_item():
+    ds = SyntheticScenes(50, 32, seed=1)
+    batch = ds.__getitems__([4, 9, 31])
+    for index, item in zip([4, 9, 31], batch):
+        image, depth = ds.render_view(index, math.pi / 2, math.pi / 2, 32)
+        single = ds[index]
+        assert torch.equal(image, single['image']) and torch.equal(depth, single['depth'])
+        assert torch.allclose(image, item['image'], atol=1e-6) and torch.allclose(depth, item['depth'], atol=1e-6)
+    yaws = torch.tensor([math.pi / 2, math.pi / 2 + 0.3])
+    images, depths = ds.render_views([4, 4], yaws, torch.full((2,), math.pi / 2), 32)
+    assert torch.allclose(images[0], ds[4]['image'], atol=1e-6)
+    assert torch.allclose(images[1], ds.render_view(4, math.pi / 2 + 0.3, math.pi / 2, 32)[0], atol=1e-6)
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_novel_view_misses_are_empty():
+    ds = SyntheticScenes(10, 32)
+    image, depth = ds.render_view(0, math.pi / 2 + 1.0, math.pi / 2, 32)  # far enough to see past the wall
+    empty = depth[0] == 0
+    assert empty.any() and (~empty).any()
+    assert (image[:, empty] == 0).all()
+    assert (depth[0][~empty] > 3).all()
+
+
+def test_synthetic_batches_are_fast():
+    import time
+    ds = SyntheticScenes(1000, 64)
+    ds.__getitems__(list(range(8)))
+    times = []
+    for k in range(1, 4):
+        start = time.perf_counter()
+        ds.__getitems__(list(range(8 * k, 8 * k + 8)))
+        times.append(time.perf_counter() - start)
+    assert min(times) < 0.5, times  # ~20-40 ms on one CPU core; this only catches gross regressions
+
+
+# -----------------------------------------------------------------------------
+# make_depth with a stand-in estimator
+
+class _StandIn:
+    """Inverse depth = 1 + green channel (brighter green = nearer), at `scale` of the input size."""
+
+    def __init__(self, scale=1):
+        self.scale, self.calls = scale, 0
+
+    def __call__(self, image):
+        self.calls += 1
+        out = 1 + image[:, 1]  # (1, H, W)
+        if self.scale != 1:
+            out = F.interpolate(out[None], scale_factor=self.scale, mode='bilinear', align_corners=False)[0]
+        return out
+
+
+def _expected_png(image_path):
+    green = np.asarray(_read(image_path).convert('RGB'))[..., 1].astype(np.float64) / 255
+    inverse = 1 + green
+    normalised = (inverse - inverse.min()) / (inverse.max() - inverse.min())
+    return np.round((1 - normalised) * 65535)
+
+
+def test_make_depth_writes_16bit_pngs_and_skips_done(tmp_path):
+    src, dst = tmp_path / 'photos', tmp_path / 'depth'
+    a = _write_pair(src / 'cls_a', 'one', size=(40, 30))
+    b = _write_pair(src / 'cls_b' / 'deeper', 'two', size=(24, 24), ext='.png')
+    c = _write_pair(src / 'cls_b', 'n02_5', size=(30, 20), ext='.JPEG')
+    for f in src.rglob('*_depth.png'):
+        f.unlink()  # only photos in src
+    estimator = _StandIn()
+    result = data.make_depth(src, dst, estimator, progress=False)
+    assert result == dict(written=3, skipped=0, failed=[]) and estimator.calls == 3
+    for image in (a, b, c):
+        out = dst / image.relative_to(src).parent / f"{image.stem}_depth.png"
+        png = _read(out)
+        assert png.mode == 'I;16' and png.size == _read(image).size
+        values = np.asarray(png).astype(np.float64)
+        assert np.abs(values - _expected_png(image)).max() <= 1
+        assert values.min() == 0 and values.max() == 65535  # per-image min-max, 0 = nearest
+        green = np.asarray(_read(image).convert('RGB'))[..., 1]
+        assert values.flat[green.argmax()] == 0  # the greenest (nearest) pixel is 0
+    assert not list(dst.rglob('*.tmp'))
+
+    again = data.make_depth(src, dst, estimator, progress=False)
+    assert again == dict(written=0, skipped=3, failed=[]) and estimator.calls == 3
+    (dst / 'cls_a' / 'one_depth.png').unlink()
+    assert data.make_depth(src, dst, estimator, progress=False)['written'] == 1
+
+    ds = ImageNetDepth(src, image_size=16, depth_root=dst, flip=False)
+    assert len(ds) == 3 and all(4 <= ds[i]['depth'].min() and ds[i]['depth'].max() < 6 for i in range(3))
+
+
+def test_make_depth_in_place_resized_output_and_bad_photos(tmp_path):
+    cols, rows = np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 120, 28))
+    smooth = Image.fromarray(np.stack([rows, cols + rows * 0, 255 - cols], -1).astype(np.uint8))
+    image = _write_pair(tmp_path / 'cls', 'p', size=(40, 28), image=smooth, ext='.png')
+    (tmp_path / 'cls' / 'p_depth.png').unlink()
+    (tmp_path / 'cls' / 'broken.jpg').write_bytes(b'garbage')
+    result = data.make_depth(tmp_path, tmp_path, _StandIn(scale=0.5), progress=False)
+    assert result['written'] == 1 and len(result['failed']) == 1 and 'broken.jpg' in result['failed'][0]
+    png = np.asarray(_read(tmp_path / 'cls' / 'p_depth.png'))
+    assert png.shape == (28, 40) and png.dtype == np.uint16
+    assert np.abs(png - _expected_png(image)).mean() < 0.02 * 65535  # half-resolution estimate, upsampled
+    (tmp_path / 'none').mkdir()
+    _raises(['no images', str(tmp_path / 'none')], data.make_depth, tmp_path / 'none', tmp_path / 'out', _StandIn())
+
+
+def test_encode_depth_edge_cases():
+    assert (data.encode_depth(torch.full((4, 4), 3.0)) == 65535).all()  # no relief: one plane at the back
+    assert data.encode_depth(torch.tensor([[0.0, 1.0]])).tolist() == [[65535, 0]]
+    _raises(['NaN'], data.encode_depth, torch.tensor([[0.0, float('nan')]]))
+
+
+def test_load_midas_failures_are_one_line(monkeypatch):
+    _raises(['unknown depth model', 'DPT_Large'], data.load_midas, 'DPT_Huge')
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'load', offline)
+    _raises(['DPT_Hybrid', 'intel-isl/MiDaS', torch.hub.get_dir(), 'checkpoints', '--repo'],
+            data.load_midas, 'DPT_Hybrid')
+
+
+HUBCONF = """
+dependencies = ['torch']
+import torch
+
+class _Net(torch.nn.Module):  # answers with the channel mean of what it was given, at its size
+    def forward(self, x):
+        return x.mean(1)
+
+def DPT_Large(pretrained=True, **kwargs):
+    return _Net()
+
+def MiDaS_small(pretrained=True, **kwargs):
+    return _Net()
+"""
+
+
+def test_load_midas_from_a_local_hub_repo_prepares_input_like_midas(tmp_path):
+    (tmp_path / 'hubconf.py').write_text(HUBCONF)
+    image = torch.full((1, 3, 200, 300), 0.75)
+    dpt = data.load_midas('DPT_Large', 'cpu', repo=str(tmp_path))(image)
+    assert dpt.shape == (1, 256, 384)  # scale closest to 1 (384 / 300), sides multiples of 32
+    assert torch.allclose(dpt, torch.tensor(0.5))  # (0.75 - 0.5) / 0.5
+    small = data.load_midas('MiDaS_small', 'cpu', repo=str(tmp_path))(image)
+    assert small.shape == (1, 160, 256)  # fits inside 256 x 256, multiples of 32
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(small, ((0.75 - mean) / std).mean(), atol=1e-5)
+
+
+def test_cli_make_depth_and_check(tmp_path, monkeypatch, capsys):
+    _write_pair(tmp_path / 'photos' / 'cls', 'x', size=(20, 20))
+    (tmp_path / 'photos' / 'cls' / 'x_depth.png').unlink()
+    monkeypatch.setattr(data, 'load_midas', lambda model, device, repo: _StandIn())
+    assert data.main(['make_depth', str(tmp_path / 'photos'), str(tmp_path / 'out'), '--device', 'cpu']) == 0
+    assert (tmp_path / 'out' / 'cls' / 'x_depth.png').exists()
+    assert data.main(['check', str(tmp_path / 'photos'), '--depth_root', str(tmp_path / 'out')]) == 0
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'out' / 'cls' / 'x_depth.png')
+    assert data.main(['check', str(tmp_path / 'photos'), '--depth_root', str(tmp_path / 'out')]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith('data.py: error:') and 'x_depth.png' in err and '8-bit' in err
+
+
+def test_cli_errors_are_one_line_with_exit_status_1(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(HERE), os.environ.get('PYTHONPATH', '')] if p))
+    for args, needle in [([], 'required'), (['make_depth', str(tmp_path / 'nope'), str(tmp_path)], str(tmp_path / 'nope'))]:
+        run = subprocess.run([sys.executable, str(HERE / 'data.py'), *args], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=120)
+        assert run.returncode == 1, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('data.py: error:') and needle in lines[0], run.stderr
+
+
+# -----------------------------------------------------------------------------
+# single inputs and pictures (used by sample.py and train.py)
+
+def test_list_match_and_load_rgbd(tmp_path):
+    a = _write_pair(tmp_path / 'in', 'a', size=(40, 30))
+    b = _write_pair(tmp_path / 'in' / 'sub', 'b', size=(30, 30), ext='.png')
+    (tmp_path / 'in' / 'sub' / 'b_depth.png').rename(tmp_path / 'b_depth.png')
+    assert data.list_images(tmp_path / 'in') == [str(a), str(b)]
+    assert data.list_images(a) == [str(a)]
+    _raises(['input', 'does not exist'], data.list_images, tmp_path / 'nope')
+    assert data.match_depth([str(a), str(b)]) == [str(tmp_path / 'in' / 'a_depth.png'), None]
+    assert data.match_depth([str(b)], str(tmp_path / 'b_depth.png')) == [str(tmp_path / 'b_depth.png')]
+    assert data.match_depth([str(b)], str(tmp_path)) == [str(tmp_path / 'b_depth.png')]
+    _raises(['no depth map', 'a_depth.png'], data.match_depth, [str(a)], str(tmp_path))
+    _raises(['one depth map', '2 images'], data.match_depth, [str(a), str(b)], str(tmp_path / 'b_depth.png'))
+
+    image, depth = data.load_rgbd(a, tmp_path / 'in' / 'a_depth.png', 16)
+    with pytest.warns(UserWarning, match='skipping 1 of 2'):
+        item = ImageNetDepth(tmp_path / 'in', image_size=16, flip=False, skip_missing_depth=True)[0]
+    assert torch.equal(image, item['image']) and torch.equal(depth, item['depth'])
+    _raises(['no depth map', 'b.png'], data.load_rgbd, b, None, 16)
+    image, depth = data.load_rgbd(b, None, 16, estimator=_StandIn())  # estimated, as make_depth would store it
+    data.make_depth(tmp_path / 'in' / 'sub', tmp_path / 'made', _StandIn(), progress=False)
+    assert torch.equal(depth, data.load_rgbd(b, tmp_path / 'made' / 'b_depth.png', 16)[1])
+
+
+def test_colorize_and_save_pictures(tmp_path):
+    depth = torch.tensor([4.0, 4.5, 5.0, 5.99, 0.0]).view(1, 1, 1, 5)
+    rgb = data.colorize_depth(depth)
+    assert rgb.shape == (1, 3, 1, 5) and 0 <= rgb.min() and rgb.max() <= 1
+    brightness = rgb[0].sum(0)[0]
+    assert (brightness[:4].diff() < 0).all() and brightness[4] == 0  # near bright, far dark, empty black
+    data.save_grid(torch.rand(5, 3, 8, 6), tmp_path / 'g' / 'grid.png', nrow=2, padding=2)
+    assert _read(tmp_path / 'g' / 'grid.png').size == (2 * 8 + 2, 3 * 10 + 2)
+    data.save_gif(torch.rand(4, 3, 8, 6), tmp_path / 'orbit.gif')
+    with Image.open(tmp_path / 'orbit.gif') as gif:
+        assert gif.size == (6, 8) and gif.n_frames == 4
