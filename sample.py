@@ -107,10 +107,11 @@ NOVEL_VIEWS = [(-math.pi / 12, 0.0), (math.pi / 12, 0.0), (-math.pi / 6, 0.0), (
                (0.0, -math.pi / 18), (0.0, math.pi / 18)]  # (yaw, pitch) offsets from the canonical camera
 
 
-def psnr(a, b):
-    """Peak signal-to-noise ratio of images in [0, 1], per image, in dB."""
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return -10 * torch.log10(mse)
+def psnr(a, b, mask=None):
+    """Peak signal-to-noise ratio of images (B, 3, H, W) in [0, 1], per image, in dB, over `mask` (B, 1, H, W)."""
+    mask = torch.ones_like(a[:, :1]) if mask is None else mask.float()
+    mse = (((a - b) ** 2) * mask).flatten(1).sum(1) / (3 * mask.flatten(1).sum(1)).clamp_min(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
 @torch.no_grad()
@@ -127,10 +128,13 @@ def evaluate(model, args, device, seed, image_size):
         planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
         for k, (dyaw, dpitch) in enumerate([(0.0, 0.0)] + NOVEL_VIEWS):
             yaw, pitch = math.pi / 2 + dyaw, math.pi / 2 + dpitch
-            true_rgb, true_depth = scenes.render_view(i, yaw, pitch, S)
+            true_rgb, true_depth = (x[None].to(device) for x in scenes.render_view(i, yaw, pitch, S))
             rgb, d = model.render_view(planes, yaw, pitch, S, **opts)
-            p = psnr((rgb + 1) / 2, true_rgb[None].to(device)).item()
-            mae = (d - true_depth[None].to(device)).abs().mean().item()
+            # Novel views can look past the edge of the scene box, where the truth is empty (depth 0):
+            # score the pixels where there is something to see.
+            valid = true_depth > 0                                        # (1, 1, S, S)
+            p = psnr((rgb + 1) / 2, true_rgb, valid).item()
+            mae = ((d - true_depth).abs() * valid).sum().item() / max(1, valid.sum().item())
             (canon_psnr if k == 0 else novel_psnr).append(p)
             (canon_mae if k == 0 else novel_mae).append(mae)
             if k == 0:
