@@ -217,5 +217,6 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from train import one_line
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)

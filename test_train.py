@@ -132,3 +132,83 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)['step'] == 1  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ['ckpt.pt']  # and no temporary file is left behind
+
+
+# -----------------------------------------------------------------------------
+# real runs (tiny model, synthetic scenes)
+
+def test_training_lowers_the_loss(tmp_path):
+    out = tmp_path / 'run'
+    # canonical steps only, so every logged loss is the same reconstruction objective
+    r = run_train([*TINY, '--out_dir', str(out), '--max_steps', '40', '--save_every', '40',
+                   '--p_novel_max', '0', '--lr', '3e-3'])
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [m['loss'] for m in read_metrics(out)]
+    assert len(losses) == 40 and all(math.isfinite(l) for l in losses)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['step'] == 40 and ckpt['model_config']['image_size'] == 32
+    assert (out / 'samples_0000040.png').exists()
+    # a second run into the same folder would clobber the first: refused
+    r = run_train([*TINY, '--out_dir', str(out), '--max_steps', '40'])
+    assert r.returncode == 1 and 'already exists' in r.stderr and r.stderr.strip().count('\n') == 0
+
+
+def test_resume_after_sigkill(tmp_path):
+    out = tmp_path / 'run'
+    args = [*TINY, '--out_dir', str(out), '--max_steps', '400', '--save_every', '3']
+    proc = subprocess.Popen([sys.executable, 'train.py', *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt_path = out / 'ckpt.pt'
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_path.exists() and torch.load(ckpt_path, weights_only=False)['step'] >= 9:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    time.sleep(0.3)  # let it get somewhere in the middle of a step or a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(ckpt_path, weights_only=False)   # loads: never half-written
+    killed_at = saved['step']
+    assert killed_at >= 9 and killed_at % 3 == 0
+    r = run_train(['--resume', '--out_dir', str(out), '--max_steps', str(killed_at + 6)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = torch.load(ckpt_path, weights_only=False)
+    assert final['step'] == killed_at + 6
+    steps = [m['step'] for m in read_metrics(out)]
+    assert steps == list(range(1, killed_at + 7))  # no gap, no duplicate after the resume
+    assert [p for p in os.listdir(out) if '.tmp' in p] == []
+
+
+def test_two_process_gloo_keeps_ranks_identical(tmp_path):
+    script = tmp_path / 'ddp_check.py'
+    script.write_text(
+        "import sys, json, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import train\n"
+        "build = train.build_model\n"
+        "def capture(cfg):\n"
+        "    global initial\n"
+        "    model, net = build(cfg)\n"
+        "    initial = torch.cat([p.detach().flatten().clone() for p in model.parameters()])\n"
+        "    return model, net\n"
+        "train.build_model = capture\n"
+        "model = train.main(sys.argv[1:])\n"
+        "flat = torch.cat([p.detach().flatten() for p in model.parameters()])\n"
+        "gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]\n"
+        "dist.all_gather(gathered, flat)\n"
+        "if dist.get_rank() == 0:\n"
+        "    json.dump({'max_diff': (gathered[0] - gathered[1]).abs().max().item(),\n"
+        "               'moved': (flat - initial).abs().max().item()}, open('run.json', 'w'))\n"
+        "dist.destroy_process_group()\n")
+    out = tmp_path / 'run'
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(script), *TINY, '--max_steps', '4', '--save_every', '4', '--device', 'cpu',
+                        '--out_dir', str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / 'run.json').read_text())
+    assert result['max_diff'] == 0.0      # identical weights on both ranks
+    assert result['moved'] > 0            # ... and they did train
+    assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == 4

@@ -479,7 +479,7 @@ def rgbd_grid(model, num_classes, cfg, device, path):
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print_help()
-        return
+        return None
     cfg = parse_config(argv)
     out_dir = cfg['out_dir']
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -619,12 +619,24 @@ def main(argv):
     pbar.close()
     if world_size > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    return model
+
+
+def one_line(error):
+    """A user-facing error as one line. Errors raised inside DataLoader workers arrive wrapped in a
+    multi-line report whose last line is the original 'module.Error: message'."""
+    lines = [l for l in str(error).strip().splitlines() if l.strip()] or [type(error).__name__]
+    if len(lines) > 1 and 'Original Traceback' in str(error):
+        return lines[-1].split(': ', 1)[-1]
+    return ' '.join(l.strip() for l in lines)
 
 
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

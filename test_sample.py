@@ -1,0 +1,124 @@
+"""Tests of sample.py (pictures and --eval from our checkpoints and the authors' format) and of the
+one-line errors both command-line programs give on bad input."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from model import G3DR, MODEL_PRESETS
+
+REPO = Path(__file__).resolve().parent
+SHARED = REPO.parent / 'shared'
+SAMPLES = SHARED / 'data' / 'imagenet_samples'
+TINY_CKPT = SHARED / 'fixtures' / 'official_tiny_ckpt.pt'
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f'{SHARED} (fixtures and ImageNet samples) is absent')
+FAST = ['--frames', '3', '--n_coarse', '8', '--n_fine', '8']
+
+
+def run(script, *args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(r, *fragments):
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    err = r.stderr.strip()
+    assert err.count('\n') == 0 and err.startswith('error: '), err[-2000:]
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.fixture(scope='module')
+def small_ckpt(tmp_path_factory):
+    """A fresh, untrained checkpoint in our format (what train.py writes, less the optimiser)."""
+    torch.manual_seed(0)
+    model = G3DR(dict(MODEL_PRESETS['tiny'], image_size=32))
+    path = tmp_path_factory.mktemp('ckpt') / 'ckpt.pt'
+    torch.save(dict(model_config=model.config, model=model.state_dict(), config=dict(seed=7), step=0), path)
+    return path
+
+
+def gif_frames(path):
+    with Image.open(path) as im:
+        return im.n_frames, im.size
+
+
+def test_default_run_writes_canonical_png_and_orbit_gifs(small_ckpt):
+    r = run('sample.py', '--ckpt', small_ckpt, '--num_scenes', 2, *FAST)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = small_ckpt.parent / 'samples'
+    assert (out / 'scene_canonical.png').exists()
+    for b in range(2):
+        frames, (w, h) = gif_frames(out / f'scene_{b}_orbit.gif')
+        assert frames == 3 and (w, h) == (64, 32)  # RGB beside depth, at the model's image size
+
+
+def test_eval_writes_the_promised_metrics(small_ckpt):
+    r = run('sample.py', '--eval', '--ckpt', small_ckpt, '--eval_scenes', 2, '--n_coarse', 8, '--n_fine', 8)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics = json.loads((small_ckpt.parent / 'eval.json').read_text())
+    for key in ('psnr_canonical', 'depth_mae_canonical', 'psnr_novel', 'depth_mae_novel', 'nfs'):
+        assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key
+        assert key in r.stdout
+    assert 1 <= metrics['nfs'] <= 64
+
+
+@needs_shared
+def test_official_checkpoint_on_real_photos(tmp_path):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for name in ('1551', '601'):
+        shutil.copy(SAMPLES / f'{name}.jpg', photos)
+        shutil.copy(SAMPLES / f'{name}_depth.png', photos)
+    r = run('sample.py', '--official', '--ckpt', TINY_CKPT, '--input', photos, '--out_dir', tmp_path / 'out', *FAST)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ('1551', '601'):
+        assert (tmp_path / 'out' / f'{name}_canonical.png').exists()
+        assert gif_frames(tmp_path / 'out' / f'{name}_orbit.gif')[0] == 3
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, exit status 1
+
+def test_missing_data_folder(tmp_path):
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'nowhere', '--out_dir', tmp_path / 'o')
+    assert_one_line_error(r, 'nowhere')
+
+
+def test_missing_depth(tmp_path):
+    folder = tmp_path / 'data' / 'n01'
+    folder.mkdir(parents=True)
+    Image.new('RGB', (40, 40), (200, 10, 10)).save(folder / 'a.jpg')
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o')
+    assert_one_line_error(r, 'a.jpg')
+    r = run('sample.py', '--ckpt', TINY_CKPT, '--official', '--input', folder / 'a.jpg', '--depth', folder / 'a_depth.png')
+    assert_one_line_error(r, 'a_depth.png')
+
+
+@needs_shared
+def test_corrupt_image(tmp_path, small_ckpt):
+    folder = tmp_path / 'data' / 'n01'
+    folder.mkdir(parents=True)
+    (folder / 'a.jpg').write_bytes(b'\xff\xd8\xff\xe0 definitely not a jpeg')
+    shutil.copy(SAMPLES / '1551_depth.png', folder / 'a_depth.png')
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+            '--model_size', 'tiny', '--image_size', 32, '--render_size', 8, '--num_workers', 1, '--batch_size', 1)
+    assert_one_line_error(r, 'a.jpg')
+    r = run('sample.py', '--ckpt', small_ckpt, '--input', folder / 'a.jpg', *FAST)
+    assert_one_line_error(r, 'a.jpg')
+
+
+def test_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / 'ckpt.pt'
+    bogus.write_text('this is not a checkpoint')
+    r = run('sample.py', '--ckpt', bogus)
+    assert_one_line_error(r, str(bogus))
+    r = run('sample.py', '--ckpt', bogus, '--official')
+    assert_one_line_error(r, str(bogus))
+    r = run('sample.py', '--ckpt', tmp_path / 'missing.pt')
+    assert_one_line_error(r, 'missing.pt')
