@@ -2,12 +2,640 @@
 G3DR model: the triplane field (multi-resolution sampler + decoder f_dec), the f_trigen UNet that
 lifts one RGB-D image to a triplane, and the G3DR module that ties them to the renderer.
 """
+import math
+import pickle
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from render import get_rays, orbit_camera, render_rays
+
 # === triplane field (f_dec + multi-resolution sampler) ===
+# The field of G3DR.md section 3: a point is projected onto the three planes, every plane is
+# sampled at every level of an antialiased pyramid, the samples are summed over the levels and
+# averaged over the planes, and f_dec turns the feature into (colour, raw density).
+#
+# The sampling is bilinear with zero padding and align_corners=False (grid_sample's semantics),
+# but it is not done with grid_sample: all 3 planes x L levels x 4 bilinear corners of a point are
+# 4 * 3 * L weighted rows of one channels-last table, so the whole forward is one embedding_bag
+# (a fused gather + weighted sum) and the backward is one sparse (table x points) matrix product.
+# On a CPU this is ~3x faster than grid_sample, whose backward scatters channel by channel across
+# (C, H, W) planes and also computes gradients for the grid (here the points are constants, as in
+# the release, where the projection runs under no_grad).
+
+# The 2D coordinates each plane is sampled at, as indices into (x, y, z). The release (from EG3D)
+# uses (x, y), (x, z), (z, x): the y-z plane is never seen. 'yz' is the corrected projection.
+_PROJECTIONS = {"official": (0, 1, 0, 2, 2, 0), "yz": (0, 1, 0, 2, 1, 2)}
+
+
+class _FullyConnected(nn.Module):
+    """StyleGAN2's FullyConnectedLayer: weight stored N(0, 1), scaled by 1/sqrt(fan_in) at run time."""
+
+    def __init__(self, fan_in, fan_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in))
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+        self.weight_gain = 1 / math.sqrt(fan_in)  # an equalised learning rate
+
+    def forward(self, x):  # (N, fan_in) -> (N, fan_out)
+        return torch.addmm(self.bias, x, (self.weight * self.weight_gain).t())
+
+
+class Decoder(nn.Module):
+    """f_dec (G3DR.md sec. 3): features (B, M, C) -> rgb (B, M, 3) in [-0.001, 1.001], raw density
+    (B, M, 1). The view direction is not used."""
+
+    def __init__(self, n_features, hidden=64):
+        super().__init__()
+        self.net = nn.Sequential(_FullyConnected(n_features, hidden), nn.Softplus(), _FullyConnected(hidden, 4))
+
+    def forward(self, features):
+        B, M, C = features.shape
+        x = self.net(features.reshape(B * M, C)).view(B, M, 4)
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001  # MipNeRF's widened sigmoid
+        return rgb, x[..., :1]
+
+
+def triplane_pyramid(planes, levels=3):
+    """planes G (B, 3, C, H, W) -> [G, G/2, G/4, ...]: `levels` tensors (B, 3, C, H/2^l, W/2^l).
+
+    Every level is resampled from G itself (bilinear, antialiased), as in the release, not from
+    the level above: the two differ by ~1% of the feature scale. Build it once per render."""
+    if planes.ndim != 5 or planes.shape[1] != 3:
+        raise ValueError(f"planes must be (B, 3, C, H, W), got {tuple(planes.shape)}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    B, _, C, H, W = planes.shape
+    flat = planes.reshape(B, 3 * C, H, W)  # the 3 planes as channels: one resize per level
+    pyramid = [planes]
+    for level in range(1, levels):
+        small = F.interpolate(flat, scale_factor=0.5 ** level, mode="bilinear", antialias=True)
+        pyramid.append(small.view(B, 3, C, *small.shape[-2:]))
+    return pyramid
+
+
+def _as_pyramid(planes_or_pyramid, levels):
+    if torch.is_tensor(planes_or_pyramid):
+        return triplane_pyramid(planes_or_pyramid, levels)
+    pyramid = list(planes_or_pyramid)
+    if len(pyramid) != levels:
+        raise ValueError(f"got a pyramid of {len(pyramid)} levels but levels={levels}")
+    return pyramid
+
+
+def _plane_table(pyramid):
+    """pyramid -> (table (B * rows, C), [(H_l, W_l)], level starts, rows per batch item).
+
+    The sampling table holds every pixel of every plane and level as one channels-last row, each
+    plane framed by a 1-pixel border of zeros (zero padding for free) and each batch item's block
+    followed by W_0 + 3 zero rows, so that the indices of zero-weight corners just past a border
+    stay inside the table. Pixel (row, col) of plane p of item b at level l is the row
+    b * rows + start_l + (p * (H_l + 2) + row + 1) * (W_l + 2) + col + 1."""
+    B, _, C, H, W = pyramid[0].shape
+    shapes = [tuple(p.shape[-2:]) for p in pyramid]
+    starts, n = [], 0
+    for h, w in shapes:
+        starts.append(n)
+        n += 3 * (h + 2) * (w + 2)
+    rows = n + W + 3
+    table = pyramid[0].new_zeros(B, rows, C)
+    for p, (h, w), s in zip(pyramid, shapes, starts):
+        block = table[:, s:s + 3 * (h + 2) * (w + 2)].view(B, 3, h + 2, w + 2, C)
+        block[:, :, 1:-1, 1:-1].copy_(p.permute(0, 1, 3, 4, 2))  # autograd records the copy
+    return table.view(B * rows, C), shapes, starts, rows
+
+
+def _bilinear_taps(points, shapes, starts, rows, box_size, projection):
+    """points (B, M, 3) -> table indices idx (B*M, 12 L) and weights w (B*M, 12 L): the feature of
+    a point is sum_k w_k table[idx_k] over L levels x 3 planes x 4 bilinear corners, with the 1/3
+    of the mean over the planes folded into the weights.
+
+    The arithmetic runs on (..., B*M) tensors, whose long contiguous rows vectorise well, and is
+    transposed once at the end: math on (B*M, 3, L, 2)-shaped tensors is several times slower."""
+    B, M, _ = points.shape
+    N, L, dev = B * M, len(shapes), points.device
+    itype = torch.int32 if B * rows < 2 ** 31 else torch.int64
+    # (u, v) on each plane: u runs along the plane's width, v along its height
+    uv = ((2 / box_size) * points).reshape(N, 3).t()[list(_PROJECTIONS[projection])].view(1, 3, 2, N)
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=points.dtype, device=dev).view(L, 1, 2, 1)
+    # grid_sample's unnormalisation (align_corners=False: -1 and 1 are the outer pixel edges)
+    pos = (uv + 1) * (size / 2) - 0.5  # (L, 3, 2, N) in pixels
+    # past -1 or the far edge both corners are in the zero border; clamping keeps indices valid
+    pos = torch.minimum(torch.nan_to_num(pos, nan=-1.0).clamp_(min=-1), size)
+    p0 = pos.floor()
+    f = torch.stack([(p0 + 1) - pos, pos - p0], dim=2)  # (L, 3, 2 corners, 2 axes (u, v), N)
+    f[:, :, :, 1] *= 1 / 3  # the mean over the three planes
+    w = f[:, :, :, None, 1] * f[:, :, None, :, 0]  # (L, 3, 2 (v), 2 (u), N)
+
+    i0 = p0.to(itype) + 1  # (L, 3, 2, N) near corner, in pixels of the padded plane
+    wp = torch.tensor([w_ + 2 for _, w_ in shapes], dtype=itype, device=dev).view(L, 1, 1)  # padded widths
+    plane_start = torch.tensor([[s + p * (h + 2) * (w_ + 2) for p in range(3)] for (h, w_), s in zip(shapes, starts)],
+                               dtype=itype, device=dev).view(L, 3, 1)
+    near = plane_start + i0[:, :, 1] * wp + i0[:, :, 0]  # (L, 3, N) table row of the near corner
+    if B > 1:
+        near = near + (torch.arange(B, dtype=itype, device=dev) * rows).repeat_interleave(M)
+    wp = wp.view(L, 1)
+    corners = torch.stack([torch.zeros_like(wp), torch.ones_like(wp), wp, wp + 1], dim=-1)  # (L, 1, 4)
+    idx = near[:, :, None] + corners[..., None]  # (L, 3, 4, N): (v, u) = 00, 01, 10, 11
+    # one transposing copy each into the (point, tap) layout of embedding_bag
+    return idx.view(-1, N).t().contiguous(), w.view(-1, N).t().contiguous()
+
+
+class _WeightedGather(torch.autograd.Function):
+    """out[m] = sum_k w[m, k] table[idx[m, k]] (embedding_bag); gradient for the table only.
+
+    The backward is grad_table = S^T grad_out with S the sparse (points x rows) matrix of the
+    weights. torch's COO sparse x dense product walks the nonzeros in order and needs no sort,
+    which makes it several times faster on a CPU than embedding_bag's own (sorting) backward."""
+
+    @staticmethod
+    def forward(ctx, table, idx, w):
+        ctx.save_for_backward(idx, w)
+        ctx.n_rows = table.shape[0]
+        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (N, C)
+        idx, w = ctx.saved_tensors
+        N, K = idx.shape
+        ind = torch.empty(2, N, K, dtype=torch.int64, device=idx.device)  # (table row, point) pairs
+        ind[0].copy_(idx)
+        ind[1].copy_(torch.arange(N, device=idx.device)[:, None])
+        s_t = torch.sparse_coo_tensor(ind.view(2, -1), w.view(-1), (ctx.n_rows, N), check_invariants=False)
+        return torch.sparse.mm(s_t, grad_out.contiguous()), None, None
+
+
+def _sample_table(table, shapes, starts, rows, points, box_size, projection):
+    B, M, _ = points.shape
+    with torch.no_grad():  # the sample positions are constants (no gradient to the points)
+        idx, w = _bilinear_taps(points, shapes, starts, rows, box_size, projection)
+    w = w.to(table.dtype)
+    if table.device.type == "cpu":
+        features = _WeightedGather.apply(table, idx, w)
+    else:  # on GPUs embedding_bag's own backward (atomics / sort) is the fast one
+        features = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+    return features.view(B, M, -1)
+
+
+def sample_triplane(planes_or_pyramid, points, levels=3, box_size=2.0, projection="official"):
+    """Multi-resolution triplane features (G3DR.md sec. 3.3): planes (B, 3, C, H, W) or their
+    pyramid (triplane_pyramid), points (B, M, 3) -> (B, M, C) = mean over the 3 planes of the sum
+    over the levels of the bilinear samples (zero outside the box)."""
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"projection must be one of {sorted(_PROJECTIONS)}, got {projection!r}")
+    pyramid = _as_pyramid(planes_or_pyramid, levels)
+    return _sample_table(*_plane_table(pyramid), points, box_size, projection)
+
+
+def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="official"):
+    """The `field(points, dirs) -> (rgb (B, M, 3), raw density (B, M, 1))` callable of render_rays
+    for one batch of triplanes. The pyramid and its sampling table are built once, here, and
+    shared by every pass of the render."""
+    table, shapes, starts, rows = _plane_table(_as_pyramid(planes_or_pyramid, levels))
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"projection must be one of {sorted(_PROJECTIONS)}, got {projection!r}")
+
+    def field(points, dirs=None):  # dirs unused: f_dec is view independent
+        return decoder(_sample_table(table, shapes, starts, rows, points, box_size, projection))
+
+    return field
 # === end triplane field ===
 
 # === f_trigen UNet and the G3DR module ===
+# f_trigen (G3DR.md section 4) is a denoising-diffusion-style UNet whose time input is pinned to
+# t = 1. Module and attribute names follow the authors' release, so their state dict loads into
+# `G3DR.unet` with nothing more than the 'module.' prefix stripped (f_dec lives under `decoder.`
+# in both). With a real time input and a class embedding the same UNet is the f_rgbd denoiser.
+
+
+def _norm_eps(dtype):
+    # G3DR.md sec. 4: eps 1e-5 when the statistics are computed in float32, 1e-3 otherwise
+    return 1e-5 if dtype == torch.float32 else 1e-3
+
+
+class WSConv2d(nn.Conv2d):
+    """Conv whose filters are standardised (per output channel: zero mean, unit biased variance)."""
+
+    def forward(self, x):
+        # The statistics are computed in the weight's dtype. Under autocast the weight stays float32,
+        # so eps is 1e-5 exactly as in a full-precision run. Keying eps on x.dtype instead would turn
+        # it to 1e-3 for just the layers fed by a bf16 conv: larger than a filter's variance
+        # (~1/(3 fan_in) at init, 3e-4 for 128 x 3 x 3), so the network would compute another function.
+        w = self.weight  # (O, I, k, k)
+        var, mean = torch.var_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
+        w = (w - mean) * torch.rsqrt(var + _norm_eps(w.dtype))
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map, with a gain g and no bias."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
+
+    def forward(self, x):
+        # Under autocast x often arrives in bf16 (the output of a conv). Like autocast's own norm
+        # layers we take the statistics in float32, so the eps rule sees float32 as in training.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
+        var, mean = torch.var_mean(x, dim=1, correction=0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + _norm_eps(x.dtype)) * self.g
+
+
+class Residual(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x) + x
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.fn = fn
+        self.norm = ChannelLayerNorm(dim)
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+class LinearAttention(nn.Module):
+    """Attention linear in the number of pixels: a (d x d) context per head instead of (N x N)."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.to_qkv = nn.Conv2d(dim, 3 * heads * dim_head, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(heads * dim_head, dim, 1), ChannelLayerNorm(dim))
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        q, k, v = self.to_qkv(x).reshape(B, 3, self.heads, -1, H * W).unbind(1)  # each (B, h, d, N)
+        q = q.softmax(dim=-2) * self.scale  # softmax over each head's channels
+        k = k.softmax(dim=-1)  # softmax over positions
+        v = v / (H * W)
+        context = k @ v.transpose(-1, -2)  # (B, h, d, d): sum_n k[d, n] v[e, n]
+        out = context.transpose(-1, -2) @ q  # (B, h, d, N): sum_d context[d, e] q[d, n]
+        return self.to_out(out.reshape(B, -1, H, W))
+
+
+class Attention(nn.Module):
+    """Standard softmax attention over all pixels (used only at the lowest resolution)."""
+
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.to_qkv = nn.Conv2d(dim, 3 * heads * dim_head, 1, bias=False)
+        self.to_out = nn.Conv2d(heads * dim_head, dim, 1)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        qkv = self.to_qkv(x).reshape(B, 3, self.heads, -1, H * W).transpose(-1, -2)  # (B, 3, h, N, d)
+        q, k, v = qkv.unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, N, d)
+        return self.to_out(out.transpose(-1, -2).reshape(B, -1, H, W))
+
+
+class Block(nn.Module):
+    """Weight-standardised conv 3x3 -> GroupNorm -> optional x (scale + 1) + shift -> SiLU."""
+
+    def __init__(self, dim, dim_out, groups=8):
+        super().__init__()
+        self.proj = WSConv2d(dim, dim_out, 3, padding=1)
+        self.norm = nn.GroupNorm(groups, dim_out)
+
+    def forward(self, x, scale_shift=None):
+        x = self.norm(self.proj(x))
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = x * (scale + 1) + shift
+        return F.silu(x)
+
+
+class ResBlock(nn.Module):
+    """Two Blocks; the time embedding modulates the first one (scale, shift); 1x1 conv skip."""
+
+    def __init__(self, dim, dim_out, time_dim, groups=8):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 2 * dim_out))
+        self.block1 = Block(dim, dim_out, groups)
+        self.block2 = Block(dim_out, dim_out, groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x, t):  # x (B, dim, H, W), t (B, time_dim)
+        scale_shift = self.mlp(t)[:, :, None, None].chunk(2, dim=1)  # 2 x (B, dim_out, 1, 1)
+        h = self.block2(self.block1(x, scale_shift))
+        return h + self.res_conv(x)
+
+
+class SinusoidalEmbedding(nn.Module):
+    """t (B,) -> (B, dim): [sin(t f_i), cos(t f_i)] with f_i = exp(-log(10000) i / (dim/2 - 1))."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * (-math.log(10000) / (half - 1)))
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        return torch.cat([args.sin(), args.cos()], dim=-1)
+
+
+def _downsample(dim_in, dim_out):
+    # 2x2 space-to-depth (channel index c*4 + 2*row + col), then a 1x1 conv: no information lost
+    return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(4 * dim_in, dim_out, 1))
+
+
+def _upsample(dim_in, dim_out):
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim_in, dim_out, 3, padding=1))
+
+
+class UNet(nn.Module):
+    """The f_trigen UNet family (G3DR.md sec. 4).
+
+    f_trigen: in_channels 4 (rgb in [-1, 1], depth in scene units), out_channels 3 C, a learned
+    positional embedding, no time input (the constant t = 1). As the f_rgbd diffusion denoiser:
+    pass the diffusion time, and set num_classes > 0 for a class embedding (index num_classes is
+    the null class used by classifier-free guidance); pos_channels = 0 drops the positional
+    embedding. With num_classes = 0 the parameters and keys are exactly the authors'.
+    """
+
+    def __init__(self, dim=128, dim_mults=(1, 2, 4, 8), in_channels=4, out_channels=192,
+                 image_size=128, pos_channels=256, num_classes=0, groups=8):
+        super().__init__()
+        self.image_size, self.pos_channels, self.num_classes = image_size, pos_channels, num_classes
+        self.n_down = len(dim_mults) - 1  # the last stage keeps its resolution
+        self.null_class = num_classes if num_classes > 0 else None  # extra class row, for guidance
+        time_dim = 4 * dim
+        if any((dim * m) % groups for m in (1, *dim_mults)):
+            raise ValueError(f"UNet widths {dim} x {tuple(dim_mults)} must all be multiples of {groups} (GroupNorm)")
+
+        if pos_channels > 0:  # a learned (pos_channels, S, S) input, initialised to ones
+            self.pos_embed = nn.Parameter(torch.ones(1, pos_channels, image_size, image_size))
+        self.init_conv = nn.Conv2d(in_channels + pos_channels, dim, 7, padding=3)
+        self.time_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, time_dim), nn.GELU(),
+                                      nn.Linear(time_dim, time_dim))
+        if num_classes > 0:
+            self.class_emb = nn.Embedding(num_classes + 1, time_dim)
+
+        dims = [dim] + [dim * m for m in dim_mults]
+        stages = list(zip(dims[:-1], dims[1:]))  # (dim_in, dim_out) per resolution
+        self.downs = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(stages):
+            last = i == len(stages) - 1
+            self.downs.append(nn.ModuleList([
+                ResBlock(d_in, d_in, time_dim, groups),
+                ResBlock(d_in, d_in, time_dim, groups),
+                Residual(PreNorm(d_in, LinearAttention(d_in))),
+                nn.Conv2d(d_in, d_out, 3, padding=1) if last else _downsample(d_in, d_out),
+            ]))
+        self.mid_block1 = ResBlock(dims[-1], dims[-1], time_dim, groups)
+        self.mid_attn = Residual(PreNorm(dims[-1], Attention(dims[-1])))
+        self.mid_block2 = ResBlock(dims[-1], dims[-1], time_dim, groups)
+        self.ups = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(reversed(stages)):
+            last = i == len(stages) - 1
+            self.ups.append(nn.ModuleList([
+                ResBlock(d_out + d_in, d_out, time_dim, groups),
+                ResBlock(d_out + d_in, d_out, time_dim, groups),
+                Residual(PreNorm(d_out, LinearAttention(d_out))),
+                nn.Conv2d(d_out, d_in, 3, padding=1) if last else _upsample(d_out, d_in),
+            ]))
+        self.final_res_block = ResBlock(2 * dim, 2 * dim, time_dim, groups)
+        self.final_conv = nn.Conv2d(2 * dim, out_channels, 1)
+
+    def forward(self, x, time=None, class_labels=None):
+        """x (B, in_channels, H, W); time None (t = 1), a number or (B,); class_labels (B,) long or
+        None (the null class) -> (B, out_channels, H, W)."""
+        B, _, H, W = x.shape
+        if H % 2 ** self.n_down or W % 2 ** self.n_down:
+            raise ValueError(f"UNet input size {H}x{W} must be divisible by {2 ** self.n_down}")
+        if self.pos_channels > 0:
+            if (H, W) != (self.image_size, self.image_size):
+                raise ValueError(f"UNet input size {H}x{W} differs from its positional embedding "
+                                 f"({self.image_size}x{self.image_size})")
+            x = torch.cat([x, self.pos_embed.expand(B, -1, -1, -1)], dim=1)
+        x = self.init_conv(x)  # (B, dim, H, W)
+        r = x  # kept for the final block
+
+        # f_trigen runs at the constant t = 1, so its time embedding is just a learned bias
+        time = torch.ones(B, device=x.device) if time is None else torch.as_tensor(time, device=x.device)
+        t = self.time_mlp(time.expand(B))  # (B, 4 dim)
+        if self.num_classes > 0:
+            if class_labels is None:
+                class_labels = torch.full((B,), self.num_classes, device=x.device)  # null class
+            t = t + self.class_emb(class_labels)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to a UNet built with num_classes=0")
+
+        skips = []
+        for res1, res2, attn, down in self.downs:
+            x = res1(x, t)
+            skips.append(x)
+            x = attn(res2(x, t))
+            skips.append(x)
+            x = down(x)  # (B, dim_out, H/2, W/2); same size at the last stage
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        for res1, res2, attn, up in self.ups:
+            x = res1(torch.cat([x, skips.pop()], dim=1), t)
+            x = res2(torch.cat([x, skips.pop()], dim=1), t)
+            x = up(attn(x))  # (B, dim_in, 2H, 2W); same size at the last stage
+        x = self.final_res_block(torch.cat([x, r], dim=1), t)  # (B, 2 dim, H, W)
+        return self.final_conv(x)
+
+
+MODEL_PRESETS = {
+    # the released model: 147,406,212 parameters with f_dec
+    "paper": dict(dim=128, dim_mults=(1, 2, 4, 8), image_size=128, plane_channels=64, pos_channels=256,
+                  levels=3, decoder_hidden=64, projection="official"),
+    # trains on a laptop CPU at 64 x 64: 2,849,668 parameters; on 2 cores one encode + one 64 x 64
+    # render (32 + 32 samples) takes ~0.2 s, ~0.55 s with the backward pass
+    "small": dict(dim=32, dim_mults=(1, 2, 4), image_size=64, plane_channels=32, pos_channels=32,
+                  levels=3, decoder_hidden=64, projection="official"),
+    # for tests: the size of the authors' tiny test checkpoint, with a small positional embedding
+    "tiny": dict(dim=16, dim_mults=(1, 2), image_size=32, plane_channels=8, pos_channels=8,
+                 levels=3, decoder_hidden=64, projection="official"),
+}
+
+
+def _fmt_keys(items, n=6):
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_checkpoint(path):
+    """torch.load a checkpoint onto the CPU, turning every failure into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # Training checkpoints (the authors' and ours) also pickle optimiser, scheduler or numpy RNG
+        # state, which the safe loader refuses: only then unpickle fully (load only trusted files).
+        if not str(e).startswith("Weights only load failed"):
+            raise ValueError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]})") from None
+
+
+def _infer_official_config(sd, source):
+    """Sizes of an authors' f_trigen state dict ('module.' already stripped); absent keys are left
+    out, so the strict load that follows reports them."""
+    cfg = {}
+    if "init_conv.weight" in sd:
+        cfg["dim"] = sd["init_conv.weight"].shape[0]
+    if "pos_embed" in sd:
+        cfg["pos_channels"], cfg["image_size"] = sd["pos_embed"].shape[1], sd["pos_embed"].shape[-1]
+    n_stages = 0
+    while f"downs.{n_stages}.0.block1.proj.weight" in sd:
+        n_stages += 1
+    if "dim" in cfg and n_stages and "mid_block1.block1.proj.weight" in sd:
+        # dim_in of every down stage, then the middle width = dim x mults
+        widths = [sd[f"downs.{i}.0.block1.proj.weight"].shape[0] for i in range(1, n_stages)]
+        widths.append(sd["mid_block1.block1.proj.weight"].shape[0])
+        if any(w % cfg["dim"] for w in widths):
+            raise ValueError(f"{source}: stage widths {widths} are not multiples of the base width {cfg['dim']}")
+        cfg["dim_mults"] = tuple(w // cfg["dim"] for w in widths)
+    if "final_conv.weight" in sd:
+        out = sd["final_conv.weight"].shape[0]
+        if out % 3:
+            raise ValueError(f"{source}: final_conv has {out} output channels, not 3 x plane channels")
+        cfg["plane_channels"] = out // 3
+    if "decoder.net.0.weight" in sd:
+        cfg["decoder_hidden"] = sd["decoder.net.0.weight"].shape[0]
+    return cfg
+
+
+class G3DR(nn.Module):
+    """f_trigen (RGB-D image -> triplane) + f_dec, rendered through the multi-resolution field."""
+
+    def __init__(self, config=None, **sizes):
+        """G3DR(MODEL_PRESETS['small']), G3DR(**MODEL_PRESETS['small']) or G3DR(dim=32, ...): keys as in
+        MODEL_PRESETS; whatever is not given takes the paper's value."""
+        super().__init__()
+        config = {**MODEL_PRESETS["paper"], **(config or {}), **sizes}
+        unknown = set(config) - set(MODEL_PRESETS["paper"])
+        if unknown:
+            raise ValueError(f"unknown G3DR config keys {sorted(unknown)}; known: {sorted(MODEL_PRESETS['paper'])}")
+        if config["projection"] not in ("official", "yz"):
+            raise ValueError(f"projection must be 'official' or 'yz', got {config['projection']!r}")
+        config["dim_mults"] = tuple(config["dim_mults"])
+        self.config = config
+        self.unet = UNet(config["dim"], config["dim_mults"], in_channels=4, out_channels=3 * config["plane_channels"],
+                         image_size=config["image_size"], pos_channels=config["pos_channels"])  # f_trigen
+        self.decoder = Decoder(config["plane_channels"], hidden=config["decoder_hidden"])  # f_dec
+
+    def encode(self, rgbd):
+        """rgbd (B, 4, H, W): rgb in [-1, 1], depth in scene units -> planes (B, 3, C, H, W)."""
+        if rgbd.ndim != 4 or rgbd.shape[1] != 4:
+            raise ValueError(f"encode expects an RGB-D batch (B, 4, H, W), got {tuple(rgbd.shape)}")
+        B, _, H, W = rgbd.shape
+        return self.unet(rgbd).view(B, 3, self.config["plane_channels"], H, W)
+
+    def _field(self, planes, box_size):
+        # the field samples float32 planes: under bf16 autocast f_trigen hands back bf16 ones
+        pyramid = triplane_pyramid(planes.float(), self.config["levels"])  # built once per render
+        return make_field(pyramid, self.decoder, self.config["levels"], box_size, self.config["projection"])
+
+    def render(self, planes, rays_o, rays_d, box_size=2.0, **render_opts):
+        """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays (rgb, depth, opacity, ...)."""
+        field = self._field(planes, box_size)
+        return render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
+
+    def render_view(self, planes, yaw, pitch, resolution, fov=18.0, radius=5.0, chunk=4096, box_size=2.0,
+                    surface_depth=None, with_opacity=False, **render_opts):
+        """Render an S x S view from the orbit camera (yaw, pitch, radius), about `chunk` rays (summed
+        over the batch) at a time, so memory stays bounded at any resolution (inference).
+
+        yaw/pitch: floats or (B,) tensors; surface_depth (B, 1, S, S) enables the depth-guided
+        samples and gradient rescaling (canonical view). Returns images (B, 3, S, S) in [-1, 1] and
+        depth (B, 1, S, S) (+ opacity (B, 1, S, S) with with_opacity=True)."""
+        B, S = planes.shape[0], resolution
+        cam2world = orbit_camera(yaw, pitch, radius).to(device=planes.device, dtype=torch.float32)
+        cam2world = cam2world.expand(B, 4, 4) if cam2world.shape[0] == 1 else cam2world  # (B, 4, 4)
+        rays_o, rays_d = get_rays(cam2world, fov, S)  # (B, S*S, 3) each
+        if surface_depth is not None:
+            surface_depth = surface_depth.reshape(B, S * S, 1)  # (B, R, 1), ray index = row * S + col
+        # render_rays chunks per scene and decides the ray limits and the depth-guided coin once
+        # for the whole view, so a chunked view is the same render as an unchunked one
+        out = self.render(planes, rays_o, rays_d, box_size=box_size, surface_depth=surface_depth,
+                          chunk=max(1, chunk // B), **render_opts)
+        images = out["rgb"].transpose(1, 2).reshape(B, 3, S, S)  # (B, R, 3) -> (B, 3, S, S)
+        depth = out["depth"].reshape(B, 1, S, S)
+        if with_opacity:
+            return images, depth, out["opacity"].reshape(B, 1, S, S)
+        return images, depth
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def official_state_dict(self):
+        """The state dict under the authors' key names (their checkpoint adds a 'module.' prefix)."""
+        return {(k if k.startswith("decoder.") else k.removeprefix("unet.")): v for k, v in self.state_dict().items()}
+
+    def checkpoint(self):
+        """The model part of our checkpoint: enough on its own to rebuild the model."""
+        return {"model_config": dict(self.config), "model": self.state_dict()}
+
+    def _load_strict(self, state_dict, own, source, to_ours=lambda k: k):
+        """Load `state_dict` whose keys/shapes must equal `own`'s exactly, else one error listing all."""
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        misshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                     for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        problems = [f"{len(keys)} {what}: {_fmt_keys(keys)}" for what, keys in
+                    [("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", misshaped)]
+                    if keys]
+        if problems:
+            raise ValueError(f"{source}: checkpoint does not fit G3DR({self.config}): " + "; ".join(problems))
+        self.load_state_dict({to_ours(k): v for k, v in state_dict.items()})
+
+    @classmethod
+    def from_official(cls, path, **overrides):
+        """Load the authors' checkpoint ({'step', 'model', ...}, keys prefixed 'module.'). Sizes come
+        from the checkpoint; overrides set the rest (levels, projection) or force a size."""
+        ckpt = load_checkpoint(path)
+        sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+            found = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f"{path}: not an official G3DR checkpoint (expected a dict whose 'model' is a "
+                             f"state dict; found {found})")
+        sd = {k.removeprefix("module."): v for k, v in sd.items()}
+        model = cls(**{**_infer_official_config(sd, path), **overrides})
+        model._load_strict(sd, model.official_state_dict(), path,
+                           to_ours=lambda k: k if k.startswith("decoder.") else "unet." + k)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path_or_dict):
+        """Rebuild a model from our checkpoint {'model_config': dict, 'model': state_dict, ...}."""
+        if isinstance(path_or_dict, dict):
+            ckpt, source = path_or_dict, "checkpoint dict"
+        else:
+            ckpt, source = load_checkpoint(path_or_dict), path_or_dict
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) \
+                or not isinstance(ckpt.get("model"), dict):
+            hint = ""
+            if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) \
+                    and any(str(k).startswith("module.") for k in ckpt["model"]):
+                hint = " (this looks like the authors' format: use G3DR.from_official)"
+            raise ValueError(f"{source}: not a G3DR checkpoint, expected a dict with 'model_config' and 'model'{hint}")
+        try:
+            model = cls(ckpt["model_config"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: bad model_config {ckpt['model_config']}: {e}") from None
+        model._load_strict(ckpt["model"], model.state_dict(), source)
+        return model
 # === end f_trigen UNet and the G3DR module ===

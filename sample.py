@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import G3DR
+from model import G3DR, load_checkpoint
 
 
 def parse_args(argv):
@@ -44,6 +44,9 @@ def parse_args(argv):
     p.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance scale')
     p.add_argument('--steps', type=int, default=50, help='DDIM steps')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0 = deterministic)')
+    p.add_argument('--per_class', type=int, default=4, help='--eval with f_rgbd: samples per class')
+    p.add_argument('--fid_stats', default='', help='--eval with f_rgbd: reference Inception statistics (.npz with '
+                   'mu, sigma) for FID; needs torchvision\'s Inception-v3 weights in the torch hub cache')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto')
     return p.parse_args(argv)
@@ -51,11 +54,17 @@ def parse_args(argv):
 
 # -----------------------------------------------------------------------------
 
+HELDOUT_SEED = 1338  # train.py's default seed + 1: scenes the default training run never saw
+
+
 def load_model(path, official, device):
+    """(model in eval mode, the training config stored with it, {} for the authors' checkpoints)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`, or pass --ckpt PATH)")
-    model = G3DR.from_official(path) if official else G3DR.from_checkpoint(path)
-    return model.to(device).eval()
+    if official:
+        return G3DR.from_official(path).to(device).eval(), {}
+    ckpt = load_checkpoint(path)
+    return G3DR.from_checkpoint(ckpt).to(device).eval(), ckpt.get('config', {})
 
 
 def front_circle(frames):
@@ -147,6 +156,39 @@ def evaluate(model, args, device, seed, image_size):
                 samples=[args.n_coarse, args.n_fine], seed=seed)
 
 
+@torch.no_grad()
+def evaluate_generation(args, device, seed):
+    """f_rgbd: `per_class` samples of every class against held-out synthetic scenes: non-flatness of
+    the generated depth, nearest-neighbour distances in a fixed feature space, and FID when asked."""
+    import diffusion
+    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device)
+    num_classes, size = denoiser.num_classes, denoiser.image_size
+    labels = torch.arange(num_classes, device=device).repeat_interleave(args.per_class)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    x = diffusion.ddim_sample(denoiser, (len(labels), 4, size, size), labels, steps=args.steps, eta=args.eta,
+                              guidance_scale=args.guidance, generator=gen, progress=True)
+    scenes = data.SyntheticScenes(max(2, args.eval_scenes), image_size=size, seed=seed)
+    ref = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
+    ref_x = diffusion.rgbd_to_x(ref['image'], ref['depth']).to(device)
+    image, depth = diffusion.x_to_rgbd(x)
+    metrics = dict(nfs_generated=diffusion.non_flatness_score(depth),
+                   nfs_heldout=diffusion.non_flatness_score(ref['depth']),
+                   **diffusion.sample_quality(x, ref_x, labels, ref['label']),
+                   samples=len(labels), guidance=args.guidance, steps=args.steps, seed=args.seed)
+    if args.fid_stats:
+        mu, sigma = diffusion.load_fid_stats(args.fid_stats)
+        features = diffusion.InceptionFeatures().to(device)(image)
+        metrics['fid'] = diffusion.fid_from_features(*diffusion.feature_stats(features), mu, sigma)
+    return metrics
+
+
+def write_json(metrics, path):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(path + '.tmp', path)
+    print(f"wrote {path}")
+
+
 def print_table(rows):
     width = max(len(k) for k in rows)
     for k, v in rows.items():
@@ -170,7 +212,7 @@ def generate(args, device, out_dir):
     data.save_grid(grid, os.path.join(out_dir, f"class{args.class_id}_rgbd.png"), nrow=2)
     print(f"wrote {os.path.join(out_dir, f'class{args.class_id}_rgbd.png')}")
     if os.path.isfile(args.ckpt):
-        model = load_model(args.ckpt, args.official, device)
+        model, _ = load_model(args.ckpt, args.official, device)
         for b in range(args.num):
             reconstruct(model, image[b:b + 1], depth[b:b + 1], f"class{args.class_id}_{b}", out_dir, args)
         print(f"wrote {args.num} orbit GIFs to {out_dir}")
@@ -187,21 +229,25 @@ def main(argv):
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'samples')
         generate(args, device, out_dir)
         return
-    model = load_model(args.ckpt, args.official, device)
+    if args.eval and not os.path.isfile(args.ckpt) and os.path.isfile(args.rgbd_ckpt):
+        # generative metrics only: an f_rgbd checkpoint and no f_trigen one
+        metrics = evaluate_generation(args, device, HELDOUT_SEED)
+        print_table(metrics)
+        write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'eval.json'))
+        return
+    model, train_config = load_model(args.ckpt, args.official, device)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
     image_size = model.config['image_size']
-    # held-out scenes: a seed the training run never used
-    ckpt_seed = torch.load(args.ckpt, map_location='cpu', weights_only=False).get('config', {}).get('seed', 1337) \
-        if not args.official else 1337
-    heldout_seed = ckpt_seed + 1
+    # held-out scenes: a seed the training run never used (train.py shows these in its grids)
+    heldout_seed = train_config.get('seed', HELDOUT_SEED - 1) + 1
     if args.eval:
         metrics = evaluate(model, args, device, heldout_seed, image_size)
         print_table(metrics)
-        path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'eval.json')
-        with open(path + '.tmp', 'w') as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(path + '.tmp', path)
-        print(f"wrote {path}")
+        write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'eval.json'))
+        if os.path.isfile(args.rgbd_ckpt):
+            metrics = evaluate_generation(args, device, heldout_seed)
+            print_table(metrics)
+            write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'eval.json'))
         return
     if args.input:
         for name, image, depth in load_inputs(args, image_size):
