@@ -598,11 +598,11 @@ def main(argv):
         done = step + 1
         pbar.update(1)
         if rank == 0:
-            values = {k: float(v) for k, v in terms.items()}
-            pbar.set_postfix(loss=f"{float(loss):.4f}", view='novel' if novel else 'canon', refresh=False)
+            values = {k: v.item() for k, v in terms.items()}
+            pbar.set_postfix(loss=f"{loss.item():.4f}", view='novel' if novel else 'canon', refresh=False)
             if done % cfg['log_every'] == 0 or done == cfg['max_steps']:
                 now = time.time()
-                record = dict(step=done, loss=float(loss), novel=novel, lr=scheduler.get_last_lr()[0],
+                record = dict(step=done, loss=loss.item(), novel=novel, lr=scheduler.get_last_lr()[0],
                               sec_per_step=(now - t_last) / cfg['log_every'], **values)
                 t_last = now
                 with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
