@@ -85,6 +85,20 @@ def test_official_checkpoint_on_real_photos(tmp_path):
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 1
 
+NO_PERCEPTUAL = ['--w_vgg', '0', '--w_vgg_novel', '0', '--w_clip', '0', '--w_clip_novel', '0']
+
+
+def test_imagenet_without_pretrained_weights_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))  # and no network: nothing to download
+    folder = tmp_path / 'data' / 'n01'
+    folder.mkdir(parents=True)
+    Image.new('RGB', (40, 40)).save(folder / 'a.jpg')
+    Image.new('I;16', (40, 40)).save(folder / 'a_depth.png')
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+            '--w_clip', '0', '--w_clip_novel', '0')
+    assert_one_line_error(r, 'VGG16', 'w_vgg=0')
+
+
 def test_missing_data_folder(tmp_path):
     r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'nowhere', '--out_dir', tmp_path / 'o')
     assert_one_line_error(r, 'nowhere')
@@ -107,7 +121,8 @@ def test_corrupt_image(tmp_path, small_ckpt):
     (folder / 'a.jpg').write_bytes(b'\xff\xd8\xff\xe0 definitely not a jpeg')
     shutil.copy(SAMPLES / '1551_depth.png', folder / 'a_depth.png')
     r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
-            '--model_size', 'tiny', '--image_size', 32, '--render_size', 8, '--num_workers', 1, '--batch_size', 1)
+            '--model_size', 'tiny', '--image_size', 32, '--render_size', 8, '--num_workers', 1, '--batch_size', 1,
+            *NO_PERCEPTUAL)
     assert_one_line_error(r, 'a.jpg')
     r = run('sample.py', '--ckpt', small_ckpt, '--input', folder / 'a.jpg', *FAST)
     assert_one_line_error(r, 'a.jpg')

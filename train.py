@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from losses import WeightsUnavailable
+
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line
 config = dict(
@@ -346,7 +348,7 @@ def load_perceptual(cfg, device, rank):
                 module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None)
             else:
                 module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'])
-        except losses.WeightsUnavailable as e:
+        except WeightsUnavailable as e:
             if cfg['dataset'] != 'synthetic':
                 raise
             if rank == 0:
@@ -634,7 +636,7 @@ def one_line(error):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, WeightsUnavailable) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
