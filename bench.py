@@ -3,6 +3,8 @@ Benchmarks. One subcommand per benchmark, each printing one table:
 
     python bench.py render                       # forward+backward of render_rays with the triplane field
     python bench.py render --device cuda --batch 8 --iters 20
+    python bench.py train                        # one full training step, small model, synthetic recipe
+    python bench.py train --size paper           # the released recipe's step (f_trigen 147M, 128 x 128)
 
 Timings on a shared machine are noisy: the table shows the load average next to the numbers.
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
@@ -116,8 +118,100 @@ def bench_render(args):
     ])
 
 
+# --- train -----------------------------------------------------------------------------------
+
+def add_train_args(p):
+    p.add_argument("--size", default="small", choices=["tiny", "small", "paper"], help="model.MODEL_PRESETS key")
+    p.add_argument("--image_size", type=int, default=None, help="default: the preset's (64 small, 128 paper)")
+    p.add_argument("--batch", type=int, default=None, help="default: the recipe's (synthetic 4, imagenet 8)")
+    p.add_argument("--render_size", type=int, default=None, help="default: the recipe's (32 small, 128 paper)")
+    p.add_argument("--n_coarse", type=int, default=None)
+    p.add_argument("--n_fine", type=int, default=None)
+    p.add_argument("--projection", default=None, choices=["official", "yz"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+
+
+def bench_train(args):
+    """One full canonical training step of train.py (encode, depth-guided render with gradient
+    rescaling, L1 rgb + depth + opacity losses, backward, Adam): the synthetic recipe for the small
+    size, the released ImageNet recipe for the paper size. VGG/CLIP terms are left out (their
+    pretrained weights are not always at hand); their cost is that of the frozen backbones."""
+    import train
+    from data import SyntheticScenes
+    from model import G3DR, MODEL_PRESETS
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = ["--dataset", "imagenet", "--data_dir", "-"] if args.size == "paper" else []
+    overrides = {k: getattr(args, k) for k in ("image_size", "render_size", "n_coarse", "n_fine", "projection")
+                 if getattr(args, k) is not None}
+    if args.batch is not None:
+        overrides["batch_size"] = args.batch
+    argv = recipe + [f"--{k}={v}" for k, v in overrides.items()]
+    cfg = train.parse_config(argv + ["--p_novel_max=0", "--w_vgg=0", "--w_vgg_novel=0", "--w_clip=0",
+                                     "--w_clip_novel=0", "--max_steps=1000"])
+    image_size = args.image_size or MODEL_PRESETS[args.size]["image_size"]
+    cfg["image_size"] = image_size
+    torch.manual_seed(0)
+    model = G3DR(dict(MODEL_PRESETS[args.size], image_size=image_size, projection=cfg["projection"])).to(device)
+    net = train._EncodeRender(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    scenes = SyntheticScenes(cfg["batch_size"], image_size=image_size, seed=0)
+    batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
+    from contextlib import nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rgbd = torch.cat([batch["image"] * 2 - 1, batch["depth"]], 1).to(device)
+
+    def encode_only():
+        with autocast():
+            planes = model.encode(rgbd)
+        planes.float().square().mean().backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    def full_step():
+        loss, _, _ = train.trigen_losses(net, batch, 1000, cfg, {}, device, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def timed(fn):
+        times = []
+        for i in range(args.warmup + args.iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    t_encode, t_step = timed(encode_only), timed(full_step)
+    B, R = cfg["batch_size"], cfg["render_size"]
+    mem_label, mem = _peak_memory(device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, {torch.get_num_threads()} threads"
+    _print_table("train.py step, forward+backward+Adam (canonical view)", [
+        ("config", f"{args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {B}, "
+                   f"image {image_size}, render {R}x{R}, samples {cfg['n_coarse']}+{cfg['n_fine']}, "
+                   f"projection {cfg['projection']}"),
+        ("device", device_name + (", bf16 autocast" if device.type == "cuda" else "")),
+        ("median ms / step", f"{t_step * 1e3:.1f}"),
+        ("  of which f_trigen fwd+bwd", f"{t_encode * 1e3:.1f}"),
+        ("images/s", f"{B / t_step:.2f}"),
+        ("million samples/s", f"{B * R * R * (cfg['n_coarse'] + cfg['n_fine']) / t_step / 1e6:.2f}"),
+        (mem_label, f"{mem:.0f} MiB"),
+        ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+    ])
+
+
 BENCHMARKS = {
     "render": (add_render_args, bench_render),
+    "train": (add_train_args, bench_train),
 }
 
 

@@ -333,8 +333,10 @@ def test_sample_triplane_gradcheck_float64():
 def _reference_sampler(planes, points, levels, projection, box_size=2.0):
     """The release's formula with grid_sample: (B, 3, C, H, W), (B, M, 3) -> (B, M, C)."""
     B, _, C, H, W = planes.shape
-    axes = {"official": [[0, 1], [0, 2], [2, 0]], "yz": [[0, 1], [0, 2], [1, 2]]}[projection]
+    axes = {"official": [[0, 1], [0, 2], [2, 0]], "yz": [[0, 1], [0, 2], [2, 1]]}[projection]
     uv = torch.stack([points[..., a] for a in axes], dim=1) * (2 / box_size)  # (B, 3, M, 2)
+    if projection == "yz":
+        uv[:, 2, :, 1] = -uv[:, 2, :, 1]  # (z, -y): the y-z plane as the canonical camera sees it
     uv = uv.reshape(B * 3, 1, -1, 2)
     total = 0
     for level in range(levels):
@@ -501,3 +503,17 @@ def test_bad_inputs_raise():
         get_rays(torch.eye(4), 18.0, 8)
     with pytest.raises(ValueError, match="points must be"):
         field(torch.zeros(2, 5, 3), None)  # the planes hold one batch item
+
+
+def test_corrected_plane_is_pixel_aligned_with_the_canonical_view():
+    """With projection='yz' the canonical ray through pixel (row, col) of an S x S image meets the
+    third plane at its pixel (row, col): f_trigen's image-aligned output needs no rotation."""
+    S = 8
+    planes = torch.zeros(1, 3, 1, S, S)
+    planes[0, 2, 0] = torch.arange(S * S, dtype=torch.float32).view(S, S)
+    rays_o, rays_d = get_rays(orbit_camera(math.pi / 2, math.pi / 2), 18.0, S)
+    # where each ray crosses the plane x = 0, scaled so the outer pixel centres of the plane are hit
+    points = rays_o + rays_d * (-rays_o[..., :1] / rays_d[..., :1])  # (1, S*S, 3)
+    points[..., 1:] *= (1 - 1 / S) / points[..., 1:].abs().amax()
+    values = sample_triplane(planes, points, levels=1, projection="yz")[0, :, 0] * 3  # undo the plane mean
+    torch.testing.assert_close(values, torch.arange(S * S, dtype=torch.float32), rtol=0, atol=1e-4)

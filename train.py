@@ -10,6 +10,7 @@ Every key of `config` below can be overridden as `--key value` or `--key=value`;
 lists them. Keys left at None take their value from the dataset's recipe (RECIPES below).
 """
 import json
+import logging
 import math
 import os
 import random
@@ -40,6 +41,7 @@ config = dict(
     # model
     model_size=None,         # 'small' or 'paper' (see model.MODEL_PRESETS)
     image_size=None,         # side of the training images
+    projection=None,         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
     # optimisation (Adam + one-cycle, G3DR.md section 5)
     max_steps=None,
     batch_size=None,         # per process
@@ -99,11 +101,11 @@ config = dict(
 # What `--dataset X` means: keys left at None take these values.
 RECIPES = {
     # The released recipe (G3DR.md section 5): 6 GPUs x batch 8, 300k steps.
-    'imagenet': dict(model_size='paper', image_size=128, max_steps=300_000, batch_size=8, lr=5e-5,
+    'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, batch_size=8, lr=5e-5,
                      render_size=128, n_coarse=32, n_fine=32, sample_every=2000, save_every=2000,
                      num_workers=8, num_scenes=0, rgbd_size='paper'),
     # The same recipe scaled down to a laptop CPU: a small model, 64 x 64 images rendered at 32 x 32.
-    'synthetic': dict(model_size='small', image_size=64, max_steps=1500, batch_size=8, lr=1e-3,
+    'synthetic': dict(model_size='small', image_size=64, projection='yz', max_steps=1200, batch_size=4, lr=2e-3,
                       render_size=32, n_coarse=16, n_fine=16, sample_every=250, save_every=250,
                       num_workers=0, num_scenes=20_000, rgbd_size='small'),
 }
@@ -343,6 +345,7 @@ def load_perceptual(cfg, device, rank):
     for name, needed in wanted.items():
         if not needed:
             continue
+        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
         try:
             if name == 'vgg':
                 module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None)
@@ -353,8 +356,12 @@ def load_perceptual(cfg, device, rank):
                 raise
             if rank == 0:
                 off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
-                print(f"note: training without the {name.upper()} loss: {e} (silence with --{off})", flush=True)
+                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
+                print(f"note: training without the {name.upper()} loss, no pretrained weights here ({what}); "
+                      f"see losses.py for how to provide them, or silence this with --{off}", flush=True)
             continue
+        finally:
+            logging.disable(logging.NOTSET)
         perceptual[name] = module.to(device)
     return perceptual
 
@@ -449,7 +456,7 @@ def build_model(cfg):
     if cfg['init_from']:
         model = G3DR.from_official(cfg['init_from']) if cfg['init_official'] else G3DR.from_checkpoint(cfg['init_from'])
     else:
-        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size']))
+        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection']))
     return model, _EncodeRender(model)
 
 
