@@ -40,7 +40,8 @@ def parse_args(argv):
     p.add_argument('--eval_scenes', type=int, default=16)
     p.add_argument('--class_id', type=int, default=None, help='generate 3D objects of this class with f_rgbd')
     p.add_argument('--num', type=int, default=4, help='how many objects to generate')
-    p.add_argument('--rgbd_ckpt', default='out-rgbd/ckpt.pt', help='f_rgbd checkpoint (train.py --stage rgbd)')
+    p.add_argument('--rgbd_ckpt', default=None, help='f_rgbd checkpoint (train.py --stage rgbd; default for '
+                   '--class_id: out-rgbd/ckpt.pt); with --eval, adds the generative metrics')
     p.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance scale')
     p.add_argument('--steps', type=int, default=50, help='DDIM steps')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0 = deterministic)')
@@ -213,6 +214,10 @@ def generate(args, device, out_dir):
     print(f"wrote {os.path.join(out_dir, f'class{args.class_id}_rgbd.png')}")
     if os.path.isfile(args.ckpt):
         model, _ = load_model(args.ckpt, args.official, device)
+        size = model.config['image_size']
+        if image.shape[-1] != size:  # f_trigen takes its own training size
+            image = F.interpolate(image, size=size, mode='bilinear', antialias=True, align_corners=False)
+            depth = F.interpolate(depth, size=size, mode='bilinear', antialias=True, align_corners=False)
         for b in range(args.num):
             reconstruct(model, image[b:b + 1], depth[b:b + 1], f"class{args.class_id}_{b}", out_dir, args)
         print(f"wrote {args.num} orbit GIFs to {out_dir}")
@@ -226,10 +231,11 @@ def main(argv):
     device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(args.seed)
     if args.class_id is not None:
+        args.rgbd_ckpt = args.rgbd_ckpt or 'out-rgbd/ckpt.pt'
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'samples')
         generate(args, device, out_dir)
         return
-    if args.eval and not os.path.isfile(args.ckpt) and os.path.isfile(args.rgbd_ckpt):
+    if args.eval and args.rgbd_ckpt and not os.path.isfile(args.ckpt):
         # generative metrics only: an f_rgbd checkpoint and no f_trigen one
         metrics = evaluate_generation(args, device, HELDOUT_SEED)
         print_table(metrics)
@@ -244,7 +250,7 @@ def main(argv):
         metrics = evaluate(model, args, device, heldout_seed, image_size)
         print_table(metrics)
         write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'eval.json'))
-        if os.path.isfile(args.rgbd_ckpt):
+        if args.rgbd_ckpt:
             metrics = evaluate_generation(args, device, heldout_seed)
             print_table(metrics)
             write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'eval.json'))

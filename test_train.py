@@ -51,6 +51,13 @@ def test_imagenet_selects_released_recipe():
     assert (cfg['w_clip_novel'], cfg['w_tv_novel'], cfg['w_vgg_novel']) == (0.35, 0.1, 2.0)
 
 
+def test_rgbd_stage_recipe_comes_first_and_overrides_win():
+    cfg = train.parse_config(['--stage', 'rgbd'])
+    assert (cfg['image_size'], cfg['batch_size']) == (32, 16)
+    assert train.parse_config(['--stage', 'rgbd', '--image_size', '64'])['image_size'] == 64
+    assert train.parse_config(['--stage', 'rgbd', '--dataset', 'imagenet', '--data_dir', 'x'])['image_size'] == 128
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--not_a_key', '1'], 'unknown config key --not_a_key'),
     (['--max_steps', 'ten'], '--max_steps expects an integer'),
