@@ -35,6 +35,19 @@ def _peak_memory(device):
     return "peak RSS (process)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
 
 
+def _time(fn, device, warmup, iters):
+    """Run fn warmup + iters times; the per-call seconds of the timed iterations."""
+    times = []
+    for i in range(warmup + iters):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def _print_table(title, rows):
     """rows: list of (name, value) pairs, printed as one two-column table."""
     width = max(len(name) for name, _ in rows)
@@ -89,14 +102,7 @@ def bench_render(args):
         planes.grad = None
         decoder.zero_grad(set_to_none=True)
 
-    times = []
-    for i in range(args.warmup + args.iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times = _time(step, device, args.warmup, args.iters)
     med = statistics.median(times)
     n_samples = B * S * S * (args.n_coarse + args.n_fine)
     mem_label, mem = _peak_memory(device)
@@ -179,18 +185,7 @@ def bench_train(args):
         loss.backward()
         optimizer.step()
 
-    def timed(fn):
-        times = []
-        for i in range(args.warmup + args.iters):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    t_encode, t_step = timed(encode_only), timed(full_step)
+    t_encode, t_step = (statistics.median(_time(fn, device, args.warmup, args.iters)) for fn in (encode_only, full_step))
     B, R = cfg["batch_size"], cfg["render_size"]
     mem_label, mem = _peak_memory(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \

@@ -117,7 +117,7 @@ RECIPES = {
 # to f_trigen's input size. (The paper's f_rgbd is a latent model; see diffusion.py.)
 RGBD_RECIPES = {
     'imagenet': dict(lr=1e-4, sample_every=5000, save_every=5000),
-    'synthetic': dict(image_size=32, max_steps=3000, batch_size=16, lr=1e-3, sample_every=500, save_every=500),
+    'synthetic': dict(image_size=32, max_steps=2400, batch_size=16, lr=1e-3, sample_every=400, save_every=400),
 }
 
 
@@ -515,6 +515,9 @@ def main(argv):
         cfg = parse_config(argv, base=dict(config, **ckpt['config']))
         if ckpt.get('stage', 'trigen') != cfg['stage']:
             raise ConfigError(f"{ckpt_path} is a --stage {ckpt.get('stage')} checkpoint, not --stage {cfg['stage']}")
+        if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
+            raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in {out_dir} "
+                              f"({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
     elif os.path.exists(ckpt_path):
         raise ConfigError(f"{ckpt_path} already exists: pass --resume to continue that run, or pick another --out_dir")
 
@@ -622,7 +625,8 @@ def main(argv):
         pbar.update(1)
         if rank == 0:
             values = {k: v.item() for k, v in terms.items()}
-            pbar.set_postfix(loss=f"{loss.item():.4f}", view='novel' if novel else 'canon', refresh=False)
+            postfix = dict(view='novel' if novel else 'canonical') if cfg['stage'] == 'trigen' else {}
+            pbar.set_postfix(loss=f"{loss.item():.4f}", **postfix, refresh=False)
             if done % cfg['log_every'] == 0 or done == cfg['max_steps']:
                 now = time.time()
                 record = dict(step=done, loss=loss.item(), novel=novel, lr=scheduler.get_last_lr()[0],
