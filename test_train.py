@@ -219,3 +219,23 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path):
     assert result['max_diff'] == 0.0      # identical weights on both ranks
     assert result['moved'] > 0            # ... and they did train
     assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == 4
+
+
+@pytest.mark.parametrize('policy', ['skip', 'stop'])
+def test_nonfinite_loss_never_reaches_the_weights(tmp_path, monkeypatch, policy):
+    real_losses = train.trigen_losses
+
+    def poisoned(net, batch, step, *args):
+        loss, terms, novel = real_losses(net, batch, step, *args)
+        return (loss * float('nan') if step == 1 else loss), terms, novel
+    monkeypatch.setattr(train, 'trigen_losses', poisoned)
+    argv = [*TINY, '--out_dir', str(tmp_path / 'run'), '--max_steps', '3', '--nonfinite', policy]
+    if policy == 'stop':
+        with pytest.raises(FloatingPointError, match='non-finite loss or gradient at step 1'):
+            train.main(argv)
+        assert not (tmp_path / 'run' / 'ckpt.pt').exists()
+        return
+    model = train.main(argv)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    saved = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
+    assert saved['step'] == 3 and all(torch.isfinite(v).all() for v in saved['model'].values())
