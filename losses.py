@@ -13,6 +13,7 @@ no parameters and no state_dict entries at all: each backbone lives in the modul
 on first use, so a loss attached to the model by mistake adds nothing to `model.parameters()` or
 `model.state_dict()`.
 """
+import contextlib
 import os
 
 import torch
@@ -120,12 +121,15 @@ def _vgg16_weights_help():
     return url, path
 
 
-def _load_vgg16_features(pretrained):
-    """The five LPIPS slices of torchvision's VGG16 as a ModuleList (frozen, eval, on the CPU)."""
+def _load_vgg16_features(pretrained, download=True):
+    """The five LPIPS slices of torchvision's VGG16 as a ModuleList (frozen, eval, on the CPU).
+    download=False: use the cached weights only, fail at once when they are not there."""
     from torchvision.models import vgg16, VGG16_Weights
     from torchvision.models.vgg import make_layers, cfgs
     if pretrained:
         try:
+            if not download and not os.path.isfile(_vgg16_weights_help()[1]):
+                raise FileNotFoundError("not in the cache, and downloading was not asked for")
             # torchvision's own download + cache (torch.hub.get_dir()/checkpoints)
             features = vgg16(weights=VGG16_Weights.IMAGENET1K_V1).features
         except Exception as e:
@@ -194,16 +198,17 @@ class VGGPerceptual(nn.Module):
       calibration; it is inactive in eval mode anyway).
     * Levels can be selected and weighted; the release sums all five with weight 1.
 
-    pretrained=True loads torchvision's IMAGENET1K_V1 VGG16 (its own download/cache) and raises a
-    clear error when it cannot be had; pretrained=False gives a random-init backbone for tests only.
+    pretrained=True loads torchvision's IMAGENET1K_V1 VGG16 (its own download/cache; download=False:
+    the cache only) and raises a clear error when it cannot be had; pretrained=False gives a
+    random-init backbone for tests only.
     """
 
-    def __init__(self, pretrained=True, calibration_path=None):
+    def __init__(self, pretrained=True, calibration_path=None, download=True):
         super().__init__()
         self.pretrained = bool(pretrained)
         self._key = ('vgg16_lpips', self.pretrained)
         if self._key not in _BACKBONES:
-            _BACKBONES[self._key] = _load_vgg16_features(self.pretrained)
+            _BACKBONES[self._key] = _load_vgg16_features(self.pretrained, download)
         if calibration_path is None:
             channel_weights = [torch.ones(c) for c in VGG_CHANNELS]
         else:
@@ -276,7 +281,7 @@ def _clip_weights_help(model_name, pretrained, cache_dir):
     return source, where
 
 
-def _load_clip(model_name, pretrained, cache_dir):
+def _load_clip(model_name, pretrained, cache_dir, download=True):
     """An open_clip model (frozen, eval, on the CPU). pretrained: an open_clip tag ('openai'), a local
     checkpoint file, or None for random init (tests only)."""
     import open_clip
@@ -294,8 +299,9 @@ def _load_clip(model_name, pretrained, cache_dir):
         # The OpenAI weights were trained with QuickGELU while the plain 'ViT-B-16' config uses GELU;
         # open_clip only warns about the mismatch, so ask for QuickGELU when the tag says so (for a
         # checkpoint file, choose e.g. 'ViT-B-16-quickgelu' as the model name instead).
-        model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
-                                       force_quick_gelu=bool(tag_cfg.get('quick_gelu', False)))
+        with _hub_offline(not download):
+            model = open_clip.create_model(model_name, pretrained=pretrained, cache_dir=cache_dir,
+                                           force_quick_gelu=bool(tag_cfg.get('quick_gelu', False)))
     except Exception as e:
         if not tag_cfg:
             raise
@@ -310,6 +316,23 @@ def _load_clip(model_name, pretrained, cache_dir):
     return _frozen(model)
 
 
+@contextlib.contextmanager
+def _hub_offline(offline):
+    """Hugging Face Hub in offline mode: cached files load, missing ones fail at once instead of
+    after the hub's network retries (tens of seconds where there is no network)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 class CLIPEmbeddingLoss(nn.Module):
     """Mean L1 distance between the CLIP image embeddings of the render and of the ground truth
     (G3DR.md section 5; ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
@@ -322,15 +345,16 @@ class CLIPEmbeddingLoss(nn.Module):
     pretrained=None builds a random-init model (tests only); model_name may be any open_clip config,
     including one registered with open_clip.add_model_config (the tests use a tiny one). cache_dir is
     handed to open_clip (None: its defaults, the Hugging Face Hub cache for the OpenAI weights).
+    download=False uses cached weights only and fails at once when they are not there.
     """
 
-    def __init__(self, model_name='ViT-B-16', pretrained='openai', cache_dir=None):
+    def __init__(self, model_name='ViT-B-16', pretrained='openai', cache_dir=None, download=True):
         super().__init__()
         import open_clip
         self.model_name, self.pretrained = model_name, pretrained
         self._key = ('open_clip', model_name, pretrained)
         if self._key not in _BACKBONES:
-            _BACKBONES[self._key] = _load_clip(model_name, pretrained, cache_dir)
+            _BACKBONES[self._key] = _load_clip(model_name, pretrained, cache_dir, download)
         pp = open_clip.get_model_preprocess_cfg(self.model)
         size = pp.get('size', 224)
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

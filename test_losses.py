@@ -372,3 +372,19 @@ def test_clip_bad_names():
         losses.CLIPEmbeddingLoss('no-such-model', 'openai')
     with pytest.raises(ValueError, match="'no-such-tag'.*clip_pretrained"):
         losses.CLIPEmbeddingLoss('ViT-B-16', 'no-such-tag')
+
+
+def test_cache_only_loading_fails_fast_and_clearly(tmp_path, monkeypatch):
+    """download=False (what synthetic training runs use): no network attempt, an immediate clear error."""
+    import time
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf'))
+    monkeypatch.setattr(urllib.request, 'urlopen', lambda *a, **k: pytest.fail('tried to download'))
+    for key in [k for k in losses._BACKBONES if k[0] in ('vgg16_lpips', 'open_clip') and k[-1] in (True, 'openai')]:
+        monkeypatch.delitem(losses._BACKBONES, key)
+    t0 = time.time()
+    with pytest.raises(losses.WeightsUnavailable, match='vgg16-397923af.pth'):
+        losses.VGGPerceptual(pretrained=True, download=False)
+    with pytest.raises(losses.WeightsUnavailable, match="ViT-B-16"):
+        losses.CLIPEmbeddingLoss('ViT-B-16', pretrained='openai', download=False)
+    assert time.time() - t0 < 20

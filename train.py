@@ -351,10 +351,12 @@ def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
 
 
 def load_perceptual(cfg, device, rank):
-    """The frozen VGG16 / CLIP backbones. Synthetic runs go on without them when the pretrained weights
-    are not available (said once at start-up); ImageNet runs fail unless the terms are turned off."""
+    """The frozen VGG16 / CLIP backbones. Synthetic runs use them only when their pretrained weights are
+    already in the local cache (no download: on a CPU they would also cost more than the rest of the step)
+    and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
+    fail when they cannot be had, unless the terms are turned off."""
     import losses
-    perceptual = {}
+    perceptual, download = {}, cfg['dataset'] != 'synthetic'
     wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
     for name, needed in wanted.items():
         if not needed:
@@ -362,17 +364,20 @@ def load_perceptual(cfg, device, rank):
         logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
         try:
             if name == 'vgg':
-                module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None)
+                module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None,
+                                              download=download)
             else:
-                module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'])
+                module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
+                                                  download=download)
         except WeightsUnavailable as e:
             if cfg['dataset'] != 'synthetic':
                 raise
             if rank == 0:
                 off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
                 what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
-                print(f"note: training without the {name.upper()} loss, no pretrained weights here ({what}); "
-                      f"see losses.py for how to provide them, or silence this with --{off}", flush=True)
+                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
+                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
+                      flush=True)
             continue
         finally:
             logging.disable(logging.NOTSET)
@@ -572,6 +577,9 @@ def main(argv):
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         _trim_metrics(os.path.join(out_dir, 'metrics.jsonl'), start_step)
+        for name in os.listdir(out_dir):  # what a run killed in the middle of a save left behind
+            if name.startswith('ckpt.pt.tmp-'):
+                os.remove(os.path.join(out_dir, name))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg['stage']} | {cfg['dataset']} ({len(dataset)} items) | {n_params / 1e6:.2f}M parameters | "
               f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} | out {out_dir}", flush=True)
