@@ -9,7 +9,7 @@ makes depth maps for a folder of photos.
 
 Every item is a dict: `image` (3, S, S) RGB in [0, 1], `depth` (1, S, S) distance along the unit
 ray in scene units, `label` (int), `path` (str; a scene id for synthetic data). Depth conventions
-are G3DR.md sections 2 and 6: a 16-bit PNG `v` means depth v / 65536 * 2 + 4, in [4, 6).
+are README §2 and 6: a 16-bit PNG `v` means depth v / 65536 * 2 + 4, in [4, 6).
 Bad input raises DataError, whose message is one line naming the offending file or folder.
 """
 import argparse
@@ -132,13 +132,13 @@ def _crop_and_resize(image, depth, size):
     box = _center_square(image.width, image.height)
     image = image.crop(box).resize((size, size), Image.LANCZOS)
     depth = Image.fromarray(depth.astype(np.float32)).crop(box).resize((size, size), Image.LANCZOS)
-    depth = np.clip(np.asarray(depth), 0, 65535) / 65536 * 2 + 4  # G3DR.md section 2: [4, 6)
+    depth = np.clip(np.asarray(depth), 0, 65535) / 65536 * 2 + 4  # README §2: [4, 6)
     image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255  # (3, S, S)
     return image, torch.from_numpy(depth.astype(np.float32))[None]  # (1, S, S)
 
 
 # -----------------------------------------------------------------------------
-# Real photos with monocular depth (G3DR.md section 6)
+# Real photos with monocular depth (README §6)
 
 class ImageNetDepth(torch.utils.data.Dataset):
     """Photos + 16-bit depth maps, in the authors' layout or with a separate depth tree.
@@ -227,7 +227,7 @@ class ImageNetDepth(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # Synthetic scenes with known 3D geometry
 #
-# A scene is a few solids in the box [-1, 1]^3 (G3DR.md section 2) in front of a back wall, seen by
+# A scene is a few solids in the box [-1, 1]^3 (README §2) in front of a back wall, seen by
 # the canonical camera at (-5, 0, 0) looking along +x with a field of view of 18 degrees. The wall
 # is a slab x in [wall_x, 1] that fills the back of the box (wall_x <= 0.8, so even the corner rays
 # of the canonical view stop at depth < 6), optionally with a plinth slab the objects stand on, so
@@ -649,7 +649,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
     def render_views(self, indices, yaw, pitch, image_size=None, radius=5.0, fov=18.0):
         """Ground truth of scenes `indices` from orbit cameras (yaw, pitch floats or (B,) tensors;
-        G3DR.md section 2). Returns images (B, 3, S, S) in [0, 1] and depth (B, 1, S, S)."""
+        README §2). Returns images (B, 3, S, S) in [0, 1] and depth (B, 1, S, S)."""
         return self._render([self.scene(i) for i in indices], yaw, pitch, image_size, radius, fov)
 
     def render_view(self, index, yaw, pitch, image_size=None, radius=5.0, fov=18.0):
@@ -669,7 +669,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# Depth maps for real photos (G3DR.md section 6)
+# Depth maps for real photos (README §6)
 
 MIDAS_MODELS = ('DPT_Large', 'DPT_Hybrid', 'MiDaS_small')
 
@@ -724,7 +724,7 @@ def load_midas(model='DPT_Large', device='cpu', repo='intel-isl/MiDaS'):
 
 def encode_depth(inverse_depth):
     """Relative inverse depth (H, W) -> the authors' 16-bit encoding (uint16 array): normalised per
-    image to [0, 1], inverted so that 0 = nearest, times 65535 (G3DR.md sections 2 and 6)."""
+    image to [0, 1], inverted so that 0 = nearest, times 65535 (README §2 and 6)."""
     x = inverse_depth.double()
     if not torch.isfinite(x).all():
         raise DataError("the depth estimator returned NaN or inf")
@@ -853,7 +853,7 @@ _DEPTH_COLOURS = torch.tensor([[0.99, 0.96, 0.55], [0.98, 0.70, 0.25], [0.90, 0.
 
 
 def colorize_depth(depth, near=4.0, far=6.0):
-    """depth (B, 1, H, W) in scene units -> RGB (B, 3, H, W) in [0, 1] (G3DR.md section 7)."""
+    """depth (B, 1, H, W) in scene units -> RGB (B, 3, H, W) in [0, 1] (README §7)."""
     t = ((depth - near) / (far - near)).clamp(0, 1) * (len(_DEPTH_COLOURS) - 1)  # (B, 1, H, W)
     lo = t.floor().long().clamp(max=len(_DEPTH_COLOURS) - 2)
     colours = _DEPTH_COLOURS.to(depth.device)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from render import get_rays, orbit_camera, render_rays
 
 # === triplane field (f_dec + multi-resolution sampler) ===
-# The field of G3DR.md section 3: a point is projected onto the three planes, every plane is
+# The field of README §3: a point is projected onto the three planes, every plane is
 # sampled at every level of an antialiased pyramid, the samples are summed over the levels and
 # averaged over the planes, and f_dec turns the feature into (colour, raw density).
 #
@@ -48,7 +48,7 @@ class _FullyConnected(nn.Module):
 
 
 class Decoder(nn.Module):
-    """f_dec (G3DR.md sec. 3): features (B, M, C) -> rgb (B, M, 3) in [-0.001, 1.001], raw density
+    """f_dec (README §3): features (B, M, C) -> rgb (B, M, 3) in [-0.001, 1.001], raw density
     (B, M, 1). The view direction is not used."""
 
     def __init__(self, n_features, hidden=64):
@@ -190,7 +190,7 @@ def _sample_table(table, shapes, starts, rows, points, box_size, projection):
 
 
 def sample_triplane(planes_or_pyramid, points, levels=3, box_size=2.0, projection="official"):
-    """Multi-resolution triplane features (G3DR.md sec. 3.3): planes (B, 3, C, H, W) or their
+    """Multi-resolution triplane features (README §3, paper Sec. 3.3): planes (B, 3, C, H, W) or their
     pyramid (triplane_pyramid), points (B, M, 3) -> (B, M, C) = mean over the 3 planes of the sum
     over the levels of the bilinear samples (zero outside the box)."""
     if projection not in _PROJECTIONS:
@@ -214,14 +214,14 @@ def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="o
 # === end triplane field ===
 
 # === f_trigen UNet and the G3DR module ===
-# f_trigen (G3DR.md section 4) is a denoising-diffusion-style UNet whose time input is pinned to
+# f_trigen (README §4) is a denoising-diffusion-style UNet whose time input is pinned to
 # t = 1. Module and attribute names follow the authors' release, so their state dict loads into
 # `G3DR.unet` with nothing more than the 'module.' prefix stripped (f_dec lives under `decoder.`
 # in both). With a real time input and a class embedding the same UNet is the f_rgbd denoiser.
 
 
 def _norm_eps(dtype):
-    # G3DR.md sec. 4: eps 1e-5 when the statistics are computed in float32, 1e-3 otherwise
+    # README §4: eps 1e-5 when the statistics are computed in float32, 1e-3 otherwise
     return 1e-5 if dtype == torch.float32 else 1e-3
 
 
@@ -367,7 +367,7 @@ def _upsample(dim_in, dim_out):
 
 
 class UNet(nn.Module):
-    """The f_trigen UNet family (G3DR.md sec. 4).
+    """The f_trigen UNet family (README §4).
 
     f_trigen: in_channels 4 (rgb in [-1, 1], depth in scene units), out_channels 3 C, a learned
     positional embedding, no time input (the constant t = 1). As the f_rgbd diffusion denoiser:

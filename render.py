@@ -1,7 +1,7 @@
 """
 Volume rendering for G3DR: the orbit camera, pinhole rays, and EG3D's two-pass importance renderer
 with G3DR's depth regularisation (depth-guided fine samples and gradient rescaling, paper Sec. 3.2).
-Depends on torch only. Conventions and equations: shared/G3DR.md sections 2 (camera) and 3
+Depends on torch only. Conventions and equations: README §2 (camera) and §3
 (rendering); with perturb=False the renderer reproduces the authors' released one (forward and
 gradients, to float rounding).
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------
-# Camera and rays (G3DR.md sec. 2)
+# Camera and rays (README §2)
 
 
 def _normalize(v):
@@ -91,14 +91,14 @@ def ray_box_limits(rays_o, rays_d, box_size=2.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Compositing with G3DR's gradient rescaling (G3DR.md sec. 3, steps 5 and "Depth regularization")
+# Compositing with G3DR's gradient rescaling (README §3)
 
 
 class GradRescale(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradients by k in the backward.
 
     GradRescale.apply(k, alpha, rgb_mid) with k, alpha (B, R, S-1) and rgb_mid (B, R, S-1, 3):
-    dL/dalpha_i <- k_i dL/dalpha_i and dL/dc_i <- k_i dL/dc_i (paper Sec. 3.2, G3DR.md sec. 3
+    dL/dalpha_i <- k_i dL/dalpha_i and dL/dc_i <- k_i dL/dc_i (paper Sec. 3.2, README §3
     "Depth regularization by gradient rescaling"). k gets no gradient."""
 
     @staticmethod
@@ -120,7 +120,7 @@ def rescale_kernel(t, x, s1=1.25, s2=0.03, c_min=0.05, c_max=1.0):
 
 
 def composite(rgb, density, t, k=None):
-    """MipNeRF-style compositing of S samples per ray (G3DR.md sec. 3 step 5).
+    """MipNeRF-style compositing of S samples per ray (README §3).
 
     rgb (B, R, S, 3) in [0, 1], density (B, R, S) raw (before softplus), t (B, R, S) sorted
     distances; k (B, R, S-1) optional gradient-rescaling factors. Every quantity is taken at the
@@ -144,7 +144,7 @@ def composite(rgb, density, t, k=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample placement (G3DR.md sec. 3 steps 2-3)
+# Sample placement (README §3)
 
 
 def _coarse_samples(near, far, n, perturb):

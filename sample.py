@@ -8,7 +8,7 @@ Turn a G3DR checkpoint into pictures and numbers.
     python sample.py --class_id 2 --num 4 --rgbd_ckpt out-rgbd/ckpt.pt --ckpt out/ckpt.pt   # generate 3D
 
 For every input it writes the canonical reconstruction (input | render | depth) as a PNG and an orbit GIF
-(the "front circle" of G3DR.md section 7: RGB beside colourised depth).
+(the "front circle" of README §7: RGB beside colourised depth).
 """
 import argparse
 import json
@@ -69,7 +69,7 @@ def load_model(path, official, device):
 
 
 def front_circle(frames):
-    """G3DR.md section 7: yaw = pi/2 + 0.25 sin(2 pi s), pitch = pi/2 + 0.1 cos(2 pi s)."""
+    """README §7: yaw = pi/2 + 0.25 sin(2 pi s), pitch = pi/2 + 0.1 cos(2 pi s)."""
     s = torch.linspace(0, 1, frames + 1)[:-1]  # the last frame would repeat the first
     return math.pi / 2 + 0.25 * torch.sin(2 * math.pi * s), math.pi / 2 + 0.1 * torch.cos(2 * math.pi * s)
 

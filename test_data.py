@@ -297,7 +297,7 @@ def test_ambiguous_layouts(tmp_path):
 # SyntheticScenes: an independent camera and ray-sphere / inside tests (numpy, float64)
 
 def _camera_rays(yaw, pitch, S, radius=5.0, fov=18.0):
-    """Rays (S*S, 3) of an orbit camera written from G3DR.md section 2, without render.py."""
+    """Rays (S*S, 3) of an orbit camera written from README §2, without render.py."""
     origin = radius * np.array([math.sin(pitch) * math.sin(-yaw), math.cos(pitch), math.sin(pitch) * math.cos(yaw)])
     forward = -origin / np.linalg.norm(origin)
     left = np.cross([0.0, 1.0, 0.0], forward)

@@ -32,7 +32,7 @@ def _small_field(seed=0, B=1, C=8, H=16, W=16, dtype=torch.float32):
     return planes, decoder
 
 
-# --- the authors' renderer (shared/fixtures/official_render.pt, G3DR.md section 9) -----------
+# --- the authors' renderer (shared/fixtures/official_render.pt, README §9) -----------
 
 @pytest.fixture(scope="module")
 def official():
@@ -106,7 +106,7 @@ def test_official_fixture_needs_the_released_pyramid(official):
     assert _rel(out["rgb"], fx["plain"]["rgb"]) > 1e-3
 
 
-# --- camera and rays (G3DR.md section 2) --------------------------------------------------------
+# --- camera and rays (README §2) --------------------------------------------------------
 
 def test_canonical_camera():
     c2w = orbit_camera(math.pi / 2, math.pi / 2)

@@ -88,7 +88,7 @@ def test_help_lists_every_key():
 
 
 # -----------------------------------------------------------------------------
-# the recipe's schedules (G3DR.md section 5)
+# the recipe's schedules (README §5)
 
 def test_novel_probability_and_camera_curriculum():
     cfg = train.parse_config(['--max_steps', '300'])

@@ -2,7 +2,7 @@
 Train G3DR.
 
     python train.py                                     # small run on built-in synthetic scenes (CPU, minutes)
-    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (G3DR.md section 5)
+    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (README §5)
     torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet --data_dir PATH
     python train.py --stage rgbd                        # the class-conditional RGB-D diffusion model f_rgbd
 
@@ -42,7 +42,7 @@ config = dict(
     model_size=None,         # 'small' or 'paper' (see model.MODEL_PRESETS)
     image_size=None,         # side of the training images
     projection=None,         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
-    # optimisation (Adam + one-cycle, G3DR.md section 5)
+    # optimisation (Adam + one-cycle, README §5)
     max_steps=None,
     batch_size=None,         # per process
     lr=None,
@@ -63,7 +63,7 @@ config = dict(
     rescale_cmin=None,       # released 0.05; the short CPU recipe lets far densities decay faster (0.3)
     rescale_cmax=1.0,
     gradient_rescaling=True,  # the paper's depth regularisation (Sec. 3.2) on canonical steps
-    # losses (G3DR.md section 5); image terms compare images in [-1, 1]
+    # losses (README §5); image terms compare images in [-1, 1]
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
     w_depth=2.0,
@@ -78,7 +78,7 @@ config = dict(
     clip_model='ViT-B-16',
     clip_pretrained='openai',
     lpips_weights='',        # optional file with LPIPS' learned channel weights (vgg.pth layout)
-    # novel views (G3DR.md section 5)
+    # novel views (README §5)
     p_novel_max=0.4,         # P(novel) = min(p_novel_max, 2 step / max_steps)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
     yaw_div_end=6.0,
@@ -100,7 +100,7 @@ config = dict(
 
 # What `--dataset X` means: keys left at None take these values.
 RECIPES = {
-    # The released recipe (G3DR.md section 5): 6 GPUs x batch 8, 300k steps.
+    # The released recipe (README §5): 6 GPUs x batch 8, 300k steps.
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, batch_size=8,
                      lr=5e-5, render_size=128, n_coarse=32, n_fine=32, rescale_cmin=0.05, sample_every=2000,
                      save_every=2000, num_workers=8, num_scenes=0, rgbd_size='paper'),
@@ -206,7 +206,7 @@ def print_help():
 
 
 # -----------------------------------------------------------------------------
-# schedules of the released recipe (G3DR.md section 5)
+# schedules of the released recipe (README §5)
 
 def p_novel(step, cfg):
     """P(novel view) rises linearly and never exceeds p_novel_max."""
@@ -279,7 +279,7 @@ def make_dataset(cfg):
 
 
 # -----------------------------------------------------------------------------
-# f_trigen stage: one canonical or novel training step (G3DR.md section 5)
+# f_trigen stage: one canonical or novel training step (README §5)
 
 class _EncodeRender(torch.nn.Module):
     """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step."""
@@ -299,7 +299,7 @@ def _to_image(x, size):
 
 
 def _at_render_size(x, size):
-    """Targets at the render resolution. Rays pass through a corner-inclusive grid (G3DR.md section 2),
+    """Targets at the render resolution. Rays pass through a corner-inclusive grid (README §2),
     so bilinear resampling with align_corners=True reads the pixels exactly where the rays go."""
     if x.shape[-1] == size:
         return x
