@@ -745,16 +745,8 @@ def _estimate_png(estimator, image):
 
 
 def _save_png16_atomic(values, path):
-    """Write a uint16 array as a 16-bit PNG; readers never see a half-written file (tmp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            Image.fromarray(values).save(f, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write a uint16 array as a 16-bit PNG; readers never see a half-written file."""
+    _save_atomic(Image.fromarray(values), path, format='PNG')
 
 
 def make_depth(src, dst, estimator, progress=True):
@@ -885,15 +877,17 @@ def save_gif(frames, path, fps=24):
 
 
 def _save_atomic(picture, path, **kwargs):
-    """Write to a temporary file, then rename: an interrupted run never leaves half a picture."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    """Save a PIL picture to a hidden temporary file beside `path`, then rename it into place: an
+    interrupted run never leaves half a picture (kwargs: PIL's save options, format included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix='.tmp', dir=path.parent)
     try:
-        picture.save(tmp, **kwargs)
+        with os.fdopen(fd, 'wb') as f:
+            picture.save(f, **kwargs)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.unlink(tmp)
         raise
 
 

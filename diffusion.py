@@ -297,9 +297,8 @@ def make_denoiser(num_classes, size='small', image_size=64):
 def load_denoiser(path, device='cpu'):
     """A trained f_rgbd from a train.py --stage rgbd checkpoint ({'denoiser_config': dict(num_classes,
     size, image_size), 'model': state_dict, ...}), in eval mode on `device`."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"f_rgbd checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    from model import load_checkpoint
+    ckpt = load_checkpoint(path)  # one-line errors for a missing or unreadable file
     if not isinstance(ckpt, dict) or 'denoiser_config' not in ckpt or 'model' not in ckpt:
         raise ValueError(f"{path} is not an f_rgbd checkpoint (train.py --stage rgbd): it has no "
                          f"'denoiser_config' / 'model' entries")

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from losses import WeightsUnavailable
+from losses import WeightsUnavailable, depth_loss, opacity_loss, recon_loss, tv_loss
+from model import load_checkpoint
+from render import get_rays, orbit_camera
 
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line
@@ -308,8 +310,6 @@ def _at_render_size(x, size):
 
 def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
     """Returns (total loss, dict of weighted terms, was_novel) for one step."""
-    from render import get_rays, orbit_camera
-    from losses import depth_loss, opacity_loss, recon_loss, tv_loss
     image = batch['image'].to(device, non_blocking=True) * 2 - 1      # (B, 3, S, S) in [-1, 1]
     depth = batch['depth'].to(device, non_blocking=True)              # (B, 1, S, S) scene units
     B, R = image.shape[0], cfg['render_size']
@@ -515,7 +515,7 @@ def main(argv):
     if cfg['resume']:
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         # the run's own config, with this command line's overrides on top
         cfg = parse_config(argv, base=dict(config, **ckpt['config']))
         if ckpt.get('stage', 'trigen') != cfg['stage']:
