@@ -17,9 +17,7 @@ import data
 from data import DataError, ImageNetDepth, SyntheticScenes
 
 HERE = Path(__file__).resolve().parent
-SAMPLES = HERE.parent / "shared" / "data" / "imagenet_samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"real samples not found at {SAMPLES} "
-                                   "(the shared/ folder sits beside the repository)")
+SAMPLES = HERE / "fixtures" / "imagenet_samples"  # 12 real ImageNet pairs shipped with the tests
 
 
 # -----------------------------------------------------------------------------
@@ -61,8 +59,6 @@ def _raises(match, fn, *args, **kwargs):
 @pytest.fixture
 def sample_tree(tmp_path):
     """The 12 real pairs as two class folders of symlinks: 'cls_a' (5 pairs) and 'cls_b' (7 pairs)."""
-    if not SAMPLES.is_dir():
-        pytest.skip(f"real samples not found at {SAMPLES}")
     root = tmp_path / 'real'
     names = sorted(p.stem for p in SAMPLES.glob('*.jpg'))
     assert len(names) == 12
@@ -77,7 +73,6 @@ def sample_tree(tmp_path):
 # -----------------------------------------------------------------------------
 # ImageNetDepth on the real samples
 
-@needs_samples
 def test_real_samples_load(sample_tree):
     ds = ImageNetDepth(sample_tree, image_size=128, flip=False)
     assert len(ds) == 12 and ds.classes == ['cls_a', 'cls_b'] and ds.num_classes == 2
@@ -94,7 +89,6 @@ def test_real_samples_load(sample_tree):
     assert labels == [0] * 5 + [1] * 7
 
 
-@needs_samples
 def test_real_samples_orientation(sample_tree):
     """At the native 256 x 256 the item is the files' pixels exactly; at 128 it is their downsampled
     version, not a flipped or transposed one."""
@@ -115,7 +109,6 @@ def test_real_samples_orientation(sample_tree):
         assert (small - wrong).abs().mean() > 5 * err
 
 
-@needs_samples
 def test_flip_flips_image_and_depth_together(sample_tree):
     plain = ImageNetDepth(sample_tree, image_size=64, flip=False)[3]
     flipping = ImageNetDepth(sample_tree, image_size=64, flip=True)
@@ -134,7 +127,6 @@ def test_flip_flips_image_and_depth_together(sample_tree):
     assert not torch.equal(plain['image'], plain['image'].flip(-1))
 
 
-@needs_samples
 def test_separate_depth_root(tmp_path, sample_tree):
     images, depths = tmp_path / 'images', tmp_path / 'depths'
     for file in sample_tree.rglob('*'):

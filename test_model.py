@@ -10,9 +10,7 @@ import torch
 from model import G3DR, MODEL_PRESETS, UNet
 from render import get_rays, orbit_camera
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-needs_shared = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"{SHARED} (fixtures of the authors' code) is absent")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # made with the authors' code: fixtures/README.md
 
 TINY = dict(dim=16, dim_mults=(1, 2), image_size=32, plane_channels=8, pos_channels=256)  # the fixture's size
 
@@ -35,7 +33,6 @@ def _save_official(model, path, transform=lambda sd: sd):
 
 # --- the authors' checkpoint -------------------------------------------------------------------
 
-@needs_shared
 def test_official_tiny_checkpoint_reproduces_the_authors_planes():
     model = G3DR.from_official(FIXTURES / "official_tiny_ckpt.pt")
     assert {k: model.config[k] for k in TINY} == TINY  # every size inferred from the checkpoint
@@ -46,7 +43,6 @@ def test_official_tiny_checkpoint_reproduces_the_authors_planes():
     assert _rel_err(planes, planes_ref) < 1e-5
 
 
-@needs_shared
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_bf16_autocast_keeps_the_full_precision_eps(device):
     # Under autocast the weights and the normalisation statistics stay float32, so the eps rule
@@ -80,12 +76,11 @@ def test_paper_size_has_the_released_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 147_406_212
 
 
-@needs_shared
 def test_paper_size_has_the_released_keys_and_shapes():
     with torch.device("meta"):
         model = G3DR(**MODEL_PRESETS["paper"])
     expected = {}
-    for line in (SHARED / "official_trigen_keys.txt").read_text().splitlines():
+    for line in (FIXTURES / "official_trigen_keys.txt").read_text().splitlines():
         key, shape = line.split("\t")
         expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     ours = {k: tuple(v.shape) for k, v in model.official_state_dict().items()}

@@ -11,8 +11,7 @@ from model import Decoder, make_field, sample_triplane, triplane_pyramid
 from render import (GradRescale, composite, get_rays, orbit_camera, ray_box_limits, render_rays,
                     rescale_kernel)
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
-FIXTURE = SHARED / "fixtures" / "official_render.pt"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official_render.pt"  # see fixtures/README.md
 
 
 def _rel(a, b):
@@ -32,13 +31,11 @@ def _small_field(seed=0, B=1, C=8, H=16, W=16, dtype=torch.float32):
     return planes, decoder
 
 
-# --- the authors' renderer (shared/fixtures/official_render.pt, README §9) -----------
+# --- the authors' renderer (fixtures/official_render.pt) -----------
 
 @pytest.fixture(scope="module")
 def official():
-    if not FIXTURE.is_file():
-        pytest.skip(f"{FIXTURE} not found: the fixture tests need the shared/ folder beside the repository")
-    return torch.load(FIXTURE, weights_only=False)
+    return torch.load(FIXTURE, weights_only=True)
 
 
 def _official_field(fx):

@@ -13,10 +13,8 @@ from PIL import Image
 from model import G3DR, MODEL_PRESETS
 
 REPO = Path(__file__).resolve().parent
-SHARED = REPO.parent / 'shared'
-SAMPLES = SHARED / 'data' / 'imagenet_samples'
-TINY_CKPT = SHARED / 'fixtures' / 'official_tiny_ckpt.pt'
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f'{SHARED} (fixtures and ImageNet samples) is absent')
+SAMPLES = REPO / 'fixtures' / 'imagenet_samples'
+TINY_CKPT = REPO / 'fixtures' / 'official_tiny_ckpt.pt'
 FAST = ['--frames', '3', '--n_coarse', '8', '--n_fine', '8']
 
 
@@ -68,7 +66,6 @@ def test_eval_writes_the_promised_metrics(small_ckpt):
     assert 1 <= metrics['nfs'] <= 64
 
 
-@needs_shared
 def test_official_checkpoint_on_real_photos(tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()
@@ -114,7 +111,6 @@ def test_missing_depth(tmp_path):
     assert_one_line_error(r, 'a_depth.png')
 
 
-@needs_shared
 def test_corrupt_image(tmp_path, small_ckpt):
     folder = tmp_path / 'data' / 'n01'
     folder.mkdir(parents=True)
