@@ -13,17 +13,20 @@ import torch.nn.functional as F
 from render import get_rays, orbit_camera, render_rays
 
 # === triplane field (f_dec + multi-resolution sampler) ===
-# The field of README §3: a point is projected onto the three planes, every plane is
-# sampled at every level of an antialiased pyramid, the samples are summed over the levels and
-# averaged over the planes, and f_dec turns the feature into (colour, raw density).
-#
-# The sampling is bilinear with zero padding and align_corners=False (grid_sample's semantics),
-# but it is not done with grid_sample: the 3 planes x L levels x 4 bilinear corners of a point are
-# 12 L weighted rows of one channels-last table, so the whole forward is one embedding_bag (a
-# fused gather + weighted sum) and the backward one sparse (rows x points) matrix product. On a
-# CPU this makes the training render 3-4x faster than with grid_sample, whose backward scatters
-# channel by channel across (C, H, W) planes and also computes gradients for the grid. The points
-# get no gradient, as in the release (whose projection runs under no_grad).
+# The field of paper Sec. 3.3: a point is projected onto the three planes, every plane is sampled
+# bilinearly (zero padding, align_corners=False) at every level of an antialiased pyramid, the
+# samples are summed over the levels and averaged over the planes, and f_dec turns the feature into
+# (colour, raw density). The points get no gradient, as in the release (its projection runs under
+# no_grad). Two samplers compute that sum; they agree to float rounding (test_render.py):
+#   'grid_sample'  the plain EG3D way: one F.grid_sample per level, the three planes as a batch.
+#   'table'        the same sum, as one gather: the 3 planes x L levels x 4 bilinear corners of a
+#                  point are 12 L weighted rows of one channels-last table, so the forward is one
+#                  embedding_bag and the backward one sparse (rows x points) product. On a CPU the
+#                  training render is 3-4x faster than with grid_sample, whose backward scatters
+#                  channel by channel across the (C, H, W) planes.
+# sampler='auto' (the default) is 'table' on a CPU and 'grid_sample' on a GPU, where the table has
+# not been measured yet (`python bench.py gpu` does).
+SAMPLERS = ("grid_sample", "table")
 
 # The 2D coordinates each plane is sampled at, as indices into (x, y, z). The release (from EG3D)
 # uses (x, y), (x, z), (z, x): the y-z plane is never seen. 'yz' is the corrected projection, its
@@ -48,8 +51,8 @@ class _FullyConnected(nn.Module):
 
 
 class Decoder(nn.Module):
-    """f_dec (README §3): features (B, M, C) -> rgb (B, M, 3) in [-0.001, 1.001], raw density
-    (B, M, 1). The view direction is not used."""
+    """f_dec: features (B, M, C) -> rgb (B, M, 3) in [-0.001, 1.001], raw density (B, M, 1).
+    The view direction is not used."""
 
     def __init__(self, n_features, hidden=64):
         super().__init__()
@@ -81,20 +84,25 @@ def triplane_pyramid(planes, levels=3):
     return pyramid
 
 
-def _as_pyramid(planes_or_pyramid, levels):
-    if torch.is_tensor(planes_or_pyramid):
-        return triplane_pyramid(planes_or_pyramid, levels)
-    pyramid = list(planes_or_pyramid)
-    if len(pyramid) != levels:
-        raise ValueError(f"got a pyramid of {len(pyramid)} levels but levels={levels}")
-    return pyramid
+def _sample_grid(pyramid, points, box_size, projection):
+    """The readable sampler: points (B, M, 3) -> features (B, M, C) with F.grid_sample."""
+    B, M, _ = points.shape
+    uv = (2 / box_size) * points.detach()[..., list(_PROJECTIONS[projection])].view(B, M, 3, 2)  # (u, v) per plane
+    if _FLIP_V3[projection]:
+        uv[:, :, 2, 1] *= -1  # v = -y
+    grid = uv.nan_to_num(nan=-2.0).transpose(1, 2).reshape(B * 3, 1, M, 2).to(pyramid[0].dtype)  # NaN: outside
+    total = 0
+    for level in pyramid:  # (B, 3, C, H_l, W_l) -> (B * 3, C, 1, M), summed over the levels
+        total = total + F.grid_sample(level.flatten(0, 1), grid, mode="bilinear", padding_mode="zeros",
+                                      align_corners=False)
+    return total.view(B, 3, -1, M).mean(dim=1).transpose(1, 2)  # the mean over the planes
 
 
 def _plane_table(pyramid):
     """pyramid -> (table (B * rows, C), [(H_l, W_l)], level starts, rows per batch item).
 
-    The sampling table holds every pixel of every plane and level as one channels-last row, each
-    plane framed by a 1-pixel border of zeros (zero padding for free) and each batch item's block
+    The table holds every pixel of every plane and level as one channels-last row, each plane
+    framed by a 1-pixel border of zeros (zero padding for free) and each batch item's block
     followed by W_0 + 3 zero rows, so that the indices of zero-weight corners just past a border
     stay inside the table. Pixel (row, col) of plane p of item b at level l is the row
     b * rows + start_l + (p * (H_l + 2) + row + 1) * (W_l + 2) + col + 1."""
@@ -175,11 +183,9 @@ class _WeightedGather(torch.autograd.Function):
 
 
 def _sample_table(table, shapes, starts, rows, points, box_size, projection):
-    if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] * rows != table.shape[0]:
-        raise ValueError(f"points must be (B, M, 3) with B = {table.shape[0] // rows} (the planes' batch), "
-                         f"got {tuple(points.shape)}")
+    """The fast sampler: points (B, M, 3) -> features (B, M, C) from the table of _plane_table."""
     B, M, _ = points.shape
-    with torch.no_grad():  # the sample positions are constants (no gradient to the points)
+    with torch.no_grad():  # the sample positions are constants
         idx, w = _bilinear_taps(points, shapes, starts, rows, box_size, projection)
     w = w.to(table.dtype)
     if table.device.type == "cpu":
@@ -189,28 +195,51 @@ def _sample_table(table, shapes, starts, rows, points, box_size, projection):
     return features.view(B, M, -1)
 
 
-def sample_triplane(planes_or_pyramid, points, levels=3, box_size=2.0, projection="official"):
-    """Multi-resolution triplane features (README §3, paper Sec. 3.3): planes (B, 3, C, H, W) or their
-    pyramid (triplane_pyramid), points (B, M, 3) -> (B, M, C) = mean over the 3 planes of the sum
-    over the levels of the bilinear samples (zero outside the box)."""
+def _resolve_sampler(sampler, device):
+    if sampler == "auto":  # the default, by the device of the planes
+        return "table" if torch.device(device).type == "cpu" else "grid_sample"
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be 'auto' or one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
+def _triplane_sampler(planes_or_pyramid, levels, box_size, projection, sampler):
+    """points (B, M, 3) -> features (B, M, C), with the pyramid (and table) built once, here."""
     if projection not in _PROJECTIONS:
         raise ValueError(f"projection must be one of {sorted(_PROJECTIONS)}, got {projection!r}")
-    pyramid = _as_pyramid(planes_or_pyramid, levels)
-    return _sample_table(*_plane_table(pyramid), points, box_size, projection)
+    if torch.is_tensor(planes_or_pyramid):
+        pyramid = triplane_pyramid(planes_or_pyramid, levels)
+    else:
+        pyramid = list(planes_or_pyramid)
+        if len(pyramid) != levels:
+            raise ValueError(f"got a pyramid of {len(pyramid)} levels but levels={levels}")
+    B = pyramid[0].shape[0]
+    table = _plane_table(pyramid) if _resolve_sampler(sampler, pyramid[0].device) == "table" else None
+
+    def sample(points):
+        if points.ndim != 3 or points.shape[-1] != 3 or points.shape[0] != B:
+            raise ValueError(f"points must be (B, M, 3) with B = {B} (the planes' batch), got {tuple(points.shape)}")
+        if table is None:
+            return _sample_grid(pyramid, points, box_size, projection)
+        return _sample_table(*table, points, box_size, projection)
+
+    return sample
 
 
-def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="official"):
+def sample_triplane(planes_or_pyramid, points, levels=3, box_size=2.0, projection="official", sampler="auto"):
+    """Multi-resolution triplane features (paper Sec. 3.3): planes (B, 3, C, H, W) or their pyramid
+    (triplane_pyramid), points (B, M, 3) -> (B, M, C) = mean over the 3 planes of the sum over the
+    levels of the bilinear samples (zero outside the box). sampler: 'grid_sample', 'table' or
+    'auto' (table on a CPU, grid_sample on a GPU)."""
+    return _triplane_sampler(planes_or_pyramid, levels, box_size, projection, sampler)(points)
+
+
+def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="official", sampler="auto"):
     """The `field(points, dirs) -> (rgb (B, M, 3), raw density (B, M, 1))` callable of render_rays
-    for one batch of triplanes. The pyramid and its sampling table are built once, here, and
-    shared by every pass of the render."""
-    table, shapes, starts, rows = _plane_table(_as_pyramid(planes_or_pyramid, levels))
-    if projection not in _PROJECTIONS:
-        raise ValueError(f"projection must be one of {sorted(_PROJECTIONS)}, got {projection!r}")
-
-    def field(points, dirs=None):  # dirs unused: f_dec is view independent
-        return decoder(_sample_table(table, shapes, starts, rows, points, box_size, projection))
-
-    return field
+    for one batch of triplanes; options as in sample_triplane. The pyramid (and the table) are
+    built once, here, and shared by every pass of the render."""
+    sample = _triplane_sampler(planes_or_pyramid, levels, box_size, projection, sampler)
+    return lambda points, dirs=None: decoder(sample(points))  # dirs unused: f_dec is view independent
 # === end triplane field ===
 
 # === f_trigen UNet and the G3DR module ===
@@ -533,10 +562,13 @@ def _infer_official_config(sd, source):
 class G3DR(nn.Module):
     """f_trigen (RGB-D image -> triplane) + f_dec, rendered through the multi-resolution field."""
 
-    def __init__(self, config=None, **sizes):
+    def __init__(self, config=None, sampler="auto", **sizes):
         """G3DR(MODEL_PRESETS['small']), G3DR(**MODEL_PRESETS['small']) or G3DR(dim=32, ...): keys as in
-        MODEL_PRESETS; whatever is not given takes the paper's value."""
+        MODEL_PRESETS; whatever is not given takes the paper's value. sampler: the triplane sampler
+        of every render ('auto', 'grid_sample' or 'table', see make_field); not a size, so not saved."""
         super().__init__()
+        _resolve_sampler(sampler, "cpu")  # a bad name fails here, not at the first render
+        self.sampler = sampler
         config = {**MODEL_PRESETS["paper"], **(config or {}), **sizes}
         unknown = set(config) - set(MODEL_PRESETS["paper"])
         if unknown:
@@ -556,14 +588,12 @@ class G3DR(nn.Module):
         B, _, H, W = rgbd.shape
         return self.unet(rgbd).view(B, 3, self.config["plane_channels"], H, W)
 
-    def _field(self, planes, box_size):
+    def render(self, planes, rays_o, rays_d, box_size=2.0, sampler=None, **render_opts):
+        """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays (rgb, depth, opacity, ...).
+        sampler: None takes the model's (self.sampler)."""
         # the field samples float32 planes: under bf16 autocast f_trigen hands back bf16 ones
-        pyramid = triplane_pyramid(planes.float(), self.config["levels"])  # built once per render
-        return make_field(pyramid, self.decoder, self.config["levels"], box_size, self.config["projection"])
-
-    def render(self, planes, rays_o, rays_d, box_size=2.0, **render_opts):
-        """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays (rgb, depth, opacity, ...)."""
-        field = self._field(planes, box_size)
+        field = make_field(planes.float(), self.decoder, self.config["levels"], box_size, self.config["projection"],
+                           self.sampler if sampler is None else sampler)
         return render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
 
     def render_view(self, planes, yaw, pitch, resolution, fov=18.0, radius=5.0, chunk=4096, box_size=2.0,

@@ -59,22 +59,24 @@ def test_official_cameras_and_rays(official):
     torch.testing.assert_close(rays_d, fx["rays_d"], rtol=0, atol=1e-6)
 
 
-def test_official_plain_render(official):
+@pytest.mark.parametrize("sampler", model.SAMPLERS)
+def test_official_plain_render(official, sampler):
     fx = official
     planes, decoder = _official_field(fx)
     with torch.no_grad():
-        out = render_rays(make_field(planes, decoder), fx["rays_o"], fx["rays_d"], fx["n_coarse"], fx["n_fine"],
-                          perturb=False)
+        out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"], fx["rays_d"], fx["n_coarse"],
+                          fx["n_fine"], perturb=False)
     assert out["depth_guided"] is False
     for key in ("rgb", "depth", "opacity"):
         assert _rel(out[key], fx["plain"][key]) < 1e-5, key
 
 
-def test_official_guided_render_and_gradients(official):
+@pytest.mark.parametrize("sampler", model.SAMPLERS)
+def test_official_guided_render_and_gradients(official, sampler):
     fx = official
     planes, decoder = _official_field(fx)
     x = _surface(fx)
-    out = render_rays(make_field(planes, decoder), fx["rays_o"], fx["rays_d"], fx["n_coarse"], fx["n_fine"],
+    out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"], fx["rays_d"], fx["n_coarse"], fx["n_fine"],
                       perturb=False, surface_depth=x, depth_guided_prob=1.0)
     assert out["depth_guided"] is True
     loss = out["rgb"].square().sum() + (out["depth"] - x).abs().sum() + out["opacity"].sum()
@@ -320,44 +322,58 @@ def test_composite_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: composite(*a, k=ones)["rgb"], (rgb, density, t))
 
 
-def test_sample_triplane_gradcheck_float64():
+@pytest.mark.parametrize("sampler", model.SAMPLERS)
+def test_sample_triplane_gradcheck_float64(sampler):
     g = torch.Generator().manual_seed(0)
     planes = torch.randn(2, 3, 2, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
     points = torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 2.4 - 1.2  # some outside the box
-    assert torch.autograd.gradcheck(lambda p: sample_triplane(p, points, levels=2), (planes,))
-
-
-def _reference_sampler(planes, points, levels, projection, box_size=2.0):
-    """The release's formula with grid_sample: (B, 3, C, H, W), (B, M, 3) -> (B, M, C)."""
-    B, _, C, H, W = planes.shape
-    axes = {"official": [[0, 1], [0, 2], [2, 0]], "yz": [[0, 1], [0, 2], [2, 1]]}[projection]
-    uv = torch.stack([points[..., a] for a in axes], dim=1) * (2 / box_size)  # (B, 3, M, 2)
-    if projection == "yz":
-        uv[:, 2, :, 1] = -uv[:, 2, :, 1]  # (z, -y): the y-z plane as the canonical camera sees it
-    uv = uv.reshape(B * 3, 1, -1, 2)
-    total = 0
-    for level in range(levels):
-        p = planes.reshape(B, 3 * C, H, W)
-        if level:
-            p = F.interpolate(p, scale_factor=0.5 ** level, mode="bilinear", antialias=True)
-        p = p.reshape(B * 3, C, *p.shape[-2:])
-        total = total + F.grid_sample(p, uv, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return total.reshape(B, 3, C, -1).mean(1).transpose(1, 2)
+    assert torch.autograd.gradcheck(lambda p: sample_triplane(p, points, levels=2, sampler=sampler), (planes,))
 
 
 @pytest.mark.parametrize("projection", ["official", "yz"])
-def test_sample_triplane_matches_grid_sample(projection):
+def test_table_sampler_equals_grid_sample(projection):
+    """The fast sampler (one gather from a table) against the plain EG3D one (F.grid_sample per level)."""
     g = torch.Generator().manual_seed(1)
     planes = torch.randn(2, 3, 5, 16, 24, generator=g, requires_grad=True)  # H != W: axes must not swap
-    points = torch.rand(2, 300, 3, generator=g) * 2.2 - 1.1
-    points[0, :4] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.05, 0, 0], [float("nan"), 0, 0]])
-    ours = sample_triplane(planes, points, levels=3, projection=projection)
-    ref = _reference_sampler(planes, points.nan_to_num(nan=-2.0), 3, projection)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    cot = torch.randn(ours.shape, generator=g)
-    (g_ours,) = torch.autograd.grad(ours, planes, cot)
-    (g_ref,) = torch.autograd.grad(ref, planes, cot)
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-5)
+    points = torch.rand(2, 300, 3, generator=g) * 2.2 - 1.1  # ~25% outside the box
+    nan = float("nan")
+    points[0, :5] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.05, 0, 0], [nan, 0, 0], [nan, nan, nan]])
+    table = sample_triplane(planes, points, levels=3, projection=projection, sampler="table")
+    grid = sample_triplane(planes, points, levels=3, projection=projection, sampler="grid_sample")
+    torch.testing.assert_close(table, grid, rtol=1e-5, atol=1e-5)
+    assert (table[0, 4] == 0).all() and (grid[0, 4] == 0).all()  # NaN counts as outside the box
+    cot = torch.randn(table.shape, generator=g)
+    (g_table,) = torch.autograd.grad(table, planes, cot)
+    (g_grid,) = torch.autograd.grad(grid, planes, cot)
+    torch.testing.assert_close(g_table, g_grid, rtol=1e-5, atol=1e-5)
+
+
+def test_grid_sample_sampler_is_the_papers_formula():
+    """One point, one level, by hand: the bilinear blend of a plane's 4 nearest pixels (pixel
+    centres at align_corners=False positions), averaged over the three planes."""
+    planes = torch.randn(1, 3, 2, 4, 6, generator=torch.Generator().manual_seed(2))
+    x, y, z = 0.1, -0.3, 0.55
+    expected = 0
+    for p, (u, v) in enumerate([(x, y), (x, z), (z, x)]):  # the released projections
+        cu, cv = (u + 1) * 6 / 2 - 0.5, (v + 1) * 4 / 2 - 0.5  # in pixels
+        c0, r0 = math.floor(cu), math.floor(cv)
+        fu, fv = cu - c0, cv - r0
+        img = planes[0, p]
+        expected = expected + ((1 - fv) * ((1 - fu) * img[:, r0, c0] + fu * img[:, r0, c0 + 1])
+                               + fv * ((1 - fu) * img[:, r0 + 1, c0] + fu * img[:, r0 + 1, c0 + 1])) / 3
+    for sampler in model.SAMPLERS:
+        out = sample_triplane(planes, torch.tensor([[[x, y, z]]]), levels=1, sampler=sampler)
+        torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-6)
+
+
+def test_sampler_choice():
+    assert model._resolve_sampler("auto", "cpu") == "table"  # the declared default on each device
+    assert model._resolve_sampler("auto", "cuda:0") == "grid_sample"
+    planes, decoder = _small_field()
+    with pytest.raises(ValueError, match="'bilinear'"):
+        make_field(planes, decoder, sampler="bilinear")
+    with pytest.raises(ValueError, match="'bilinear'"):
+        sample_triplane(planes, torch.zeros(1, 2, 3), sampler="bilinear")
 
 
 def test_projection_choice_matters_only_for_the_third_plane():
@@ -367,7 +383,7 @@ def test_projection_choice_matters_only_for_the_third_plane():
     official = sample_triplane(planes, points, projection="official")
     yz = sample_triplane(planes, points, projection="yz")
     assert not torch.allclose(official, yz)
-    torch.testing.assert_close(yz, _reference_sampler(planes, points, 3, "yz"))
+    torch.testing.assert_close(yz, sample_triplane(planes, points, projection="yz", sampler="grid_sample"))
     planes[0, 2] = 0
     planes[0, :2] = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(sample_triplane(planes, points, projection="official"),
