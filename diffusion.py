@@ -7,7 +7,7 @@ in plain PyTorch, meant to be read top to bottom:
   2. noise schedule                 cosine_schedule (default), linear_schedule, q_sample
   3. training loss                  diffusion_loss (v-prediction, class dropout for guidance)
   4. sampler                        ddim_step, ddim_sample (DDIM with eta, classifier-free guidance)
-  5. the denoiser                   make_denoiser (model.UNet: 4 channels, real time, classes), load_denoiser
+  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser
   6. generative metrics             non_flatness_score, sample_quality, FID plumbing
 
 Choices (each explained where it is implemented):
@@ -267,7 +267,7 @@ def ddim_sample(denoiser, shape, class_labels=None, steps=50, eta=0.0, guidance_
 
 
 # -----------------------------------------------------------------------------
-# 5. The denoiser f_rgbd: the UNet family of f_trigen (model.UNet) with a real time input, a class
+# 5. The denoiser f_rgbd: the UNet family of f_trigen (unet.UNet) with a real time input, a class
 # embedding (num_classes + 1 rows, the last one the null class) and 4 channels in and out.
 # Pixel space at the training resolution (the paper's f_rgbd is a latent diffusion model, not
 # released); no learned positional embedding (pos_channels = 0): a diffusion denoiser should treat
@@ -282,10 +282,10 @@ DENOISER_PRESETS = {
 
 
 def make_denoiser(num_classes, size='small', image_size=64):
-    """f_rgbd: model.UNet with 4 channels in and out, the diffusion time as its time input and a
+    """f_rgbd: unet.UNet with 4 channels in and out, the diffusion time as its time input and a
     class embedding of num_classes + 1 rows (row num_classes = `null_class`, for guidance).
     Called as denoiser(x_t (B, 4, S, S), t (B,) float, labels (B,) long) -> v (B, 4, S, S)."""
-    from model import UNet
+    from unet import UNet
     if size not in DENOISER_PRESETS:
         raise ValueError(f"unknown denoiser size {size!r} (expected one of {sorted(DENOISER_PRESETS)})")
     if int(num_classes) < 1:

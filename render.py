@@ -1,34 +1,54 @@
 """
 Volume rendering for G3DR: the orbit camera, pinhole rays, and EG3D's two-pass importance renderer
 with G3DR's depth regularisation (depth-guided fine samples and gradient rescaling, paper Sec. 3.2).
-Depends on torch only. Conventions and equations: README §2 (camera) and §3
-(rendering); with perturb=False the renderer reproduces the authors' released one (forward and
-gradients, to float rounding).
+Depends on torch only; with perturb=False the renderer reproduces the authors' released one
+(forward and gradients, to float rounding).
 
     field = model.make_field(planes, decoder)          # field(points, dirs) -> (rgb, raw density)
-    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch), fov_degrees=18.0, resolution=128)
+    rays_o, rays_d = get_rays(orbit_camera(CANONICAL_YAW, CANONICAL_PITCH), FOV_DEGREES, resolution=128)
     out = render_rays(field, rays_o, rays_d, surface_depth=depth)   # canonical view, training
     out["rgb"] (B, R, 3) in [-1, 1], out["depth"] (B, R, 1), out["opacity"] (B, R, 1)
+
+Conventions (those of the authors' code):
+* The scene is the box [-1, 1]^3 (box_size 2).
+* The orbit camera at (yaw, pitch, radius) sits at r (sin(pitch) sin(-yaw), cos(pitch), sin(pitch) cos(yaw)),
+  looks at the origin with world up +y; its cam2world columns are (right, up, backward). The canonical
+  camera, the one every training image is seen from, is yaw = pitch = pi/2, radius 5, field of view
+  18 degrees: it sits at (-5, 0, 0) and looks along +x.
+* An S x S image has a ray per pixel through x = linspace(-1, 1, S) (columns, left to right) and
+  y = linspace(1, -1, S) (rows, top to bottom) on the image plane z = -1/tan(fov/2): the outer rays
+  pass through the pixel grid's corners. Ray index = row * S + col; every ray starts at the camera.
+* Depth is the distance along the unit ray, in scene units. Seen from the canonical camera the box
+  spans depths [DEPTH_NEAR, DEPTH_FAR) = [4, 6), its front and back faces; depth maps are stored in that range.
+* A ray that misses the box is sampled between the smallest near and the largest *near* of the rays
+  of the batch that hit it (the release's rule), where the field is empty.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+# The canonical camera and the depth range it sees the box in (radius -+ box_size / 2).
+CANONICAL_YAW = CANONICAL_PITCH = math.pi / 2
+CAMERA_RADIUS = 5.0
+FOV_DEGREES = 18.0
+DEPTH_NEAR, DEPTH_FAR = 4.0, 6.0
+
 # ---------------------------------------------------------------------------------------------
-# Camera and rays (README §2)
+# Camera and rays
 
 
 def _normalize(v):
     return v / torch.norm(v, dim=-1, keepdim=True)
 
 
-def orbit_camera(yaw, pitch, radius=5.0):
+def orbit_camera(yaw, pitch, radius=CAMERA_RADIUS):
     """Camera on a sphere of `radius` around the origin, looking at it, world up +y.
 
     yaw, pitch: floats or (B,) tensors (radians). The canonical camera yaw = pitch = pi/2 sits at
     (-radius, 0, 0) and looks along +x. Returns cam2world (B, 4, 4), float32, whose rotation
-    columns are the camera's (right, up, backward) axes (the camera looks along its -z)."""
+    columns are the camera's (right, up, backward) axes (the camera looks along its -z) and whose
+    translation is its position radius (sin(pitch) sin(-yaw), cos(pitch), sin(pitch) cos(yaw))."""
     yaw = torch.as_tensor(yaw, dtype=torch.float32).reshape(-1)
     pitch = torch.as_tensor(pitch, dtype=torch.float32, device=yaw.device).reshape(-1)
     yaw, pitch = torch.broadcast_tensors(yaw, pitch)  # (B,)
@@ -36,7 +56,8 @@ def orbit_camera(yaw, pitch, radius=5.0):
                           radius * torch.cos(pitch),
                           radius * torch.sin(pitch) * torch.cos(yaw)], dim=-1)  # (B, 3)
     forward = _normalize(_normalize(-origin))  # to the look-at point, the origin
-    up = torch.tensor([0.0, 1.0, 0.0], device=yaw.device).expand_as(forward)
+    up = torch.zeros_like(forward)
+    up[:, 1] = 1  # world up +y (built in place: no host-to-device copy)
     left = _normalize(torch.linalg.cross(up, forward, dim=-1))
     up = _normalize(torch.linalg.cross(forward, left, dim=-1))
     cam2world = torch.eye(4, device=yaw.device).repeat(len(yaw), 1, 1)
@@ -74,7 +95,8 @@ def ray_box_limits(rays_o, rays_d, box_size=2.0):
     Returns near, far (B, R) and hit (B, R) bool (far > near; a box behind the camera counts as
     hit, as in the release). Rays that miss get the release's values: near = the smallest near of
     the hitting rays of the whole batch, far = the *largest near* of them: a missed ray is sampled
-    over that stretch of depths, where the field along it is empty. If no ray hits: near -1, far -2."""
+    over that stretch of depths, where the field along it is empty. If no ray hits: near -1, far -2.
+    Computed without a host-device sync."""
     half = box_size / 2
     with torch.no_grad():
         inv = 1 / rays_d  # +-inf for rays parallel to a slab
@@ -82,24 +104,23 @@ def ray_box_limits(rays_o, rays_d, box_size=2.0):
         near = torch.minimum(t_lo, t_hi).amax(dim=-1)  # the last entry ...
         far = torch.maximum(t_lo, t_hi).amin(dim=-1)  # ... before the first exit
         hit = far > near
-        if hit.any():
-            near = torch.where(hit, near, near[hit].min())
-            far = torch.where(hit, far, near[hit].max())
-        else:
-            near, far = torch.full_like(near, -1.0), torch.full_like(far, -2.0)
+        any_hit = hit.any()  # a 0-d tensor, not a Python bool: stays on the device
+        near_min = torch.where(any_hit, torch.where(hit, near, math.inf).amin(), -1.0)
+        near_max = torch.where(any_hit, torch.where(hit, near, -math.inf).amax(), -2.0)
+        near, far = torch.where(hit, near, near_min), torch.where(hit, far, near_max)
     return near, far, hit
 
 
 # ---------------------------------------------------------------------------------------------
-# Compositing with G3DR's gradient rescaling (README §3)
+# Compositing with G3DR's gradient rescaling
 
 
 class GradRescale(torch.autograd.Function):
     """Identity in the forward pass; multiplies the incoming gradients by k in the backward.
 
     GradRescale.apply(k, alpha, rgb_mid) with k, alpha (B, R, S-1) and rgb_mid (B, R, S-1, 3):
-    dL/dalpha_i <- k_i dL/dalpha_i and dL/dc_i <- k_i dL/dc_i (paper Sec. 3.2, README §3
-    "Depth regularization by gradient rescaling"). k gets no gradient."""
+    dL/dalpha_i <- k_i dL/dalpha_i and dL/dc_i <- k_i dL/dc_i (paper Sec. 3.2, depth regularisation
+    by gradient rescaling). k gets no gradient."""
 
     @staticmethod
     def forward(ctx, k, alpha, rgb_mid):
@@ -113,14 +134,20 @@ class GradRescale(torch.autograd.Function):
 
 
 def rescale_kernel(t, x, s1=1.25, s2=0.03, c_min=0.05, c_max=1.0):
-    """k(x, t) = clamp(s1 exp(-(x - t)^2 / s2), c_min, c_max) (paper Sec. 3.2): ~1 near the expected
-    surface x, down to c_min far from it, so density in front of the surface learns slowly and
-    the input view is not explained by semi-transparent clouds. t (B, R, S), x (B, R, 1)."""
+    """Eq. 3, the gradient-rescaling kernel: k(x, t) = clamp(s1 exp(-(x - t)^2 / s2), c_min, c_max).
+
+    t (B, R, S) sample distances, x (B, R, 1) the ray's expected surface distance (its ground-truth
+    depth). s1 is the Gaussian's height: above 1, k sits at c_max on a plateau around x; s2 sets its
+    width in squared scene units (the paper: half the spacing of the coarse samples, 2/31/2 ~ 0.032);
+    c_max is the factor at the surface (1: gradients there pass unchanged) and c_min the floor far
+    from it (positive, so that density far from the surface still decays from its initial value).
+    The result: density in front of the surface learns slowly, and the input view cannot be
+    explained by semi-transparent clouds (volume collapse). Released: 1.25, 0.03, 0.05, 1."""
     return (s1 * torch.exp(-((t - x) ** 2) / s2)).clamp(c_min, c_max)
 
 
 def composite(rgb, density, t, k=None):
-    """MipNeRF-style compositing of S samples per ray (README §3).
+    """MipNeRF-style compositing of S samples per ray (volume rendering on interval midpoints).
 
     rgb (B, R, S, 3) in [0, 1], density (B, R, S) raw (before softplus), t (B, R, S) sorted
     distances; k (B, R, S-1) optional gradient-rescaling factors. Every quantity is taken at the
@@ -144,7 +171,7 @@ def composite(rgb, density, t, k=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sample placement (README §3)
+# Sample placement
 
 
 def _coarse_samples(near, far, n, perturb):
@@ -215,7 +242,7 @@ def render_rays(field, rays_o, rays_d, n_coarse=32, n_fine=32, perturb=True, sur
     surface_depth (B, R, 1), the ray's expected surface distance x (ground-truth depth, canonical
     view only), switches on G3DR's depth regularisation:
       * gradient rescaling (grad_rescale=True): the gradients of every merged interval's alpha and
-        colour are multiplied by k = clamp(s1 exp(-(x - t)^2 / s2), c_min, c_max); the forward
+        colour are multiplied by Eq. 3's k = clamp(s1 exp(-(x - t)^2 / s2), c_min, c_max); the forward
         pass is unchanged. Released values s1=1.25, s2=0.03, c_min=0.05, c_max=1; s2="half_spacing"
         gives the paper's rule s2 = box_size / (n_coarse - 1) / 2 (half the coarse spacing).
       * depth-guided fine samples with probability depth_guided_prob (0.4 in the release; 1.0
@@ -245,26 +272,39 @@ def render_rays(field, rays_o, rays_d, n_coarse=32, n_fine=32, perturb=True, sur
 
     near, far, _ = ray_box_limits(rays_o, rays_d, box_size)  # (B, R) each, for the whole batch
     guided = surface_depth is not None and n_fine > 0 and bool(torch.rand(()) < depth_guided_prob)
-    opts = dict(n_coarse=n_coarse, n_fine=n_fine, perturb=perturb, guided=guided,
-                rescale=(s1, s2, c_min, c_max) if grad_rescale else None, guided_width=guided_width)
+
+    def render(rays):  # the rays rays_o[:, rays] of every batch item
+        return _render(field, rays_o[:, rays], rays_d[:, rays], near[:, rays], far[:, rays],
+                       None if surface_depth is None else surface_depth[:, rays], n_coarse=n_coarse,
+                       n_fine=n_fine, perturb=perturb, guided=guided, guided_width=guided_width,
+                       grad_rescale=grad_rescale, s1=s1, s2=s2, c_min=c_min, c_max=c_max)
+
     if chunk is None or chunk >= R:
-        out = _render(field, rays_o, rays_d, near, far, surface_depth, **opts)
+        out = render(slice(None))
     else:
-        parts = [_render(field, rays_o[:, i:i + chunk], rays_d[:, i:i + chunk], near[:, i:i + chunk],
-                         far[:, i:i + chunk], None if surface_depth is None else surface_depth[:, i:i + chunk],
-                         **opts) for i in range(0, R, chunk)]
+        parts = [render(slice(i, i + chunk)) for i in range(0, R, chunk)]
         out = {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
     out["depth_guided"] = guided
     return out
 
 
-def _render(field, rays_o, rays_d, near, far, x, n_coarse, n_fine, perturb, guided, rescale, guided_width):
+def _render(field, rays_o, rays_d, near, far, surface_depth, *, n_coarse, n_fine, perturb, guided, guided_width,
+            grad_rescale, s1, s2, c_min, c_max):
+    """The two passes of render_rays over rays (B, R, 3) whose limits near, far (B, R) are known.
+
+    1. n_coarse stratified samples between near and far go through the field.
+    2. n_fine more: with guided=True the comb surface_depth + linspace(-guided_width, guided_width),
+       else importance-sampled from the coarse weights (placement needs no gradient).
+    3. All samples are merged and sorted by distance; coarse and fine ones alike keep their gradient.
+    4. Compositing, with the gradient-rescaling kernel k(surface_depth, t_mid) when surface_depth is
+       given and grad_rescale is on (s1, s2, c_min, c_max as in rescale_kernel).
+    Returns composite()'s dict plus t (B, R, n_coarse + n_fine), the sorted distances."""
     t_coarse = _coarse_samples(near, far, n_coarse, perturb)  # (B, R, Nc)
     if guided:
         # depth-guided fine samples: a narrow comb around the known surface. They do not depend
         # on the coarse pass, so both passes go through the field in one call.
-        offsets = torch.linspace(-guided_width, guided_width, n_fine, device=x.device)
-        t = torch.cat([t_coarse, x[..., None] + offsets], dim=-1)  # (B, R, Nc+Nf)
+        offsets = torch.linspace(-guided_width, guided_width, n_fine, device=surface_depth.device)
+        t = torch.cat([t_coarse, surface_depth[..., None] + offsets], dim=-1)  # (B, R, Nc+Nf)
         rgb, density = _query(field, rays_o, rays_d, t)
     else:
         rgb, density = _query(field, rays_o, rays_d, t_coarse)  # (B, R, Nc, 3), (B, R, Nc)
@@ -276,14 +316,14 @@ def _render(field, rays_o, rays_d, near, far, x, n_coarse, n_fine, perturb, guid
             rgb_f, density_f = _query(field, rays_o, rays_d, t_fine)
             t = torch.cat([t_coarse, t_fine], dim=-1)
             rgb, density = torch.cat([rgb, rgb_f], dim=2), torch.cat([density, density_f], dim=-1)
-    # merge: every sample, coarse and fine, keeps its gradient (step 4)
+    # merge: every sample, coarse and fine, keeps its gradient
     t, order = torch.sort(t, dim=-1)
     rgb = torch.gather(rgb, 2, order[..., None].expand_as(rgb))
     density = torch.gather(density, 2, order)
     k = None
-    if x is not None and rescale is not None:
-        with torch.no_grad():
-            k = rescale_kernel((t[..., :-1] + t[..., 1:]) / 2, x[..., None], *rescale)  # at t_mid
+    if surface_depth is not None and grad_rescale:
+        with torch.no_grad():  # Eq. 3 at the interval midpoints t_mid
+            k = rescale_kernel((t[..., :-1] + t[..., 1:]) / 2, surface_depth[..., None], s1, s2, c_min, c_max)
     out = composite(rgb, density, t, k)
     out["t"] = t
     return out

@@ -1,7 +1,7 @@
 """Tests of the f_rgbd diffusion core (issue 6): closed-form checks of the schedules, forward noising
 and the DDIM update; exact sampling with an oracle denoiser; eta = 0 determinism; the guidance-scale
 definitions; a tiny denoiser overfit to two synthetic scenes (class labels pick the scene); the
-model.UNet denoiser and its checkpoint; NFS, sample quality and FID plumbing.
+unet.UNet denoiser and its checkpoint; NFS, sample quality and FID plumbing.
 Run: python -m pytest -q test_diffusion.py"""
 import math
 
@@ -419,7 +419,7 @@ def test_inception_plumbing(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the f_rgbd denoiser built from model.UNet
+# the f_rgbd denoiser built from unet.UNet
 
 
 def test_make_denoiser_is_a_conditional_4_channel_unet():

@@ -1,4 +1,4 @@
-"""Tests for f_trigen (model.UNet) and the G3DR module: the authors' checkpoint format, the exact
+"""Tests for f_trigen (unet.UNet) and the G3DR module: the authors' checkpoint format, the exact
 paper architecture, our checkpoints, bad input, and an end-to-end encode + render with gradients."""
 import math
 from pathlib import Path
