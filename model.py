@@ -99,7 +99,9 @@ def _sample_grid(pyramid, points, box_size, projection):
 
 
 def _plane_table(pyramid):
-    """pyramid -> (table (B * rows, C), [(H_l, W_l)], level starts, rows per batch item).
+    """pyramid -> (table (B * rows, C), layout): layout = (rows per batch item, sizes (L, 1, 2, 1) as
+    (W_l, H_l), padded widths (L, 1, 1), plane starts (L, 3, 1)), the constants of _bilinear_taps,
+    made once per render here (on a GPU each is a host-to-device copy, a wait, if made per call).
 
     The table holds every pixel of every plane and level as one channels-last row, each plane
     framed by a 1-pixel border of zeros (zero padding for free) and each batch item's block
@@ -117,10 +119,16 @@ def _plane_table(pyramid):
     for p, (h, w), s in zip(pyramid, shapes, starts):
         block = table[:, s:s + 3 * (h + 2) * (w + 2)].view(B, 3, h + 2, w + 2, C)
         block[:, :, 1:-1, 1:-1].copy_(p.permute(0, 1, 3, 4, 2))  # autograd records the copy
-    return table.view(B * rows, C), shapes, starts, rows
+    L, dev = len(shapes), table.device
+    itype = torch.int32 if B * rows < 2 ** 31 else torch.int64
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=table.dtype).view(L, 1, 2, 1)
+    padded_widths = torch.tensor([w + 2 for _, w in shapes], dtype=itype).view(L, 1, 1)
+    plane_starts = torch.tensor([[s + p * (h + 2) * (w + 2) for p in range(3)] for (h, w), s in zip(shapes, starts)],
+                                dtype=itype).view(L, 3, 1)
+    return table.view(B * rows, C), (rows, size.to(dev), padded_widths.to(dev), plane_starts.to(dev))
 
 
-def _bilinear_taps(points, shapes, starts, rows, box_size, projection):
+def _bilinear_taps(points, layout, box_size, projection):
     """points (B, M, 3) -> table indices idx (B*M, 12 L) and weights w (B*M, 12 L): the feature of
     a point is sum_k w_k table[idx_k] over L levels x 3 planes x 4 bilinear corners, with the 1/3
     of the mean over the planes folded into the weights.
@@ -128,13 +136,12 @@ def _bilinear_taps(points, shapes, starts, rows, box_size, projection):
     The arithmetic runs on (..., B*M) tensors, whose long contiguous rows vectorise well, and is
     transposed once at the end: math on (B*M, 3, L, 2)-shaped tensors is several times slower."""
     B, M, _ = points.shape
-    N, L, dev = B * M, len(shapes), points.device
-    itype = torch.int32 if B * rows < 2 ** 31 else torch.int64
+    rows, size, wp, plane_start = layout
+    N, L, itype, dev = B * M, len(size), wp.dtype, points.device
     # (u, v) on each plane: u runs along the plane's width, v along its height
     uv = ((2 / box_size) * points).reshape(N, 3).t()[list(_PROJECTIONS[projection])].view(1, 3, 2, N)
     if _FLIP_V3[projection]:
         uv[0, 2, 1].neg_()  # v = -y
-    size = torch.tensor([[w, h] for h, w in shapes], dtype=points.dtype, device=dev).view(L, 1, 2, 1)
     # grid_sample's unnormalisation (align_corners=False: -1 and 1 are the outer pixel edges)
     pos = (uv + 1) * (size / 2) - 0.5  # (L, 3, 2, N) in pixels
     # past -1 or the far edge both corners are in the zero border; clamping keeps indices valid
@@ -145,9 +152,6 @@ def _bilinear_taps(points, shapes, starts, rows, box_size, projection):
     w = f[:, :, :, None, 1] * f[:, :, None, :, 0]  # (L, 3, 2 (v), 2 (u), N)
 
     i0 = p0.to(itype) + 1  # (L, 3, 2, N) near corner, in pixels of the padded plane
-    wp = torch.tensor([w_ + 2 for _, w_ in shapes], dtype=itype, device=dev).view(L, 1, 1)  # padded widths
-    plane_start = torch.tensor([[s + p * (h + 2) * (w_ + 2) for p in range(3)] for (h, w_), s in zip(shapes, starts)],
-                               dtype=itype, device=dev).view(L, 3, 1)
     near = plane_start + i0[:, :, 1] * wp + i0[:, :, 0]  # (L, 3, N) table row of the near corner
     if B > 1:
         near = near + (torch.arange(B, dtype=itype, device=dev) * rows).repeat_interleave(M)
@@ -182,11 +186,11 @@ class _WeightedGather(torch.autograd.Function):
         return torch.sparse.mm(s_t, grad_out.contiguous()), None, None
 
 
-def _sample_table(table, shapes, starts, rows, points, box_size, projection):
+def _sample_table(table, layout, points, box_size, projection):
     """The fast sampler: points (B, M, 3) -> features (B, M, C) from the table of _plane_table."""
     B, M, _ = points.shape
     with torch.no_grad():  # the sample positions are constants
-        idx, w = _bilinear_taps(points, shapes, starts, rows, box_size, projection)
+        idx, w = _bilinear_taps(points, layout, box_size, projection)
     w = w.to(table.dtype)
     if table.device.type == "cpu":
         features = _WeightedGather.apply(table, idx, w)
@@ -342,16 +346,20 @@ class G3DR(nn.Module):
                            self.sampler if sampler is None else sampler)
         return render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
 
-    def render_view(self, planes, yaw, pitch, resolution, fov=FOV_DEGREES, radius=CAMERA_RADIUS, chunk=4096,
+    def render_view(self, planes, yaw, pitch, resolution, fov=FOV_DEGREES, radius=CAMERA_RADIUS, chunk=None,
                     box_size=2.0, surface_depth=None, with_opacity=False, perturb=False, **render_opts):
         """Render an S x S view from the orbit camera (yaw, pitch, radius), about `chunk` rays (summed
-        over the batch) at a time, so memory stays bounded at any resolution (inference).
+        over the batch) at a time, so memory stays bounded at any resolution (inference). chunk None:
+        4096 on a CPU, 65536 on a GPU (a 128 x 128 view of 4 scenes in one pass; no chunk waits for
+        the host, so a view is one stream of kernels).
 
         yaw/pitch: floats or (B,) tensors; surface_depth (B, 1, S, S) enables the depth-guided
         samples and gradient rescaling (canonical view). perturb=False (default): the deterministic
         samples of inference, no jitter. Returns images (B, 3, S, S) in [-1, 1] and
         depth (B, 1, S, S) (+ opacity (B, 1, S, S) with with_opacity=True)."""
         B, S = planes.shape[0], resolution
+        if chunk is None:
+            chunk = 4096 if planes.device.type == "cpu" else 65536
         cam2world = orbit_camera(yaw, pitch, radius).to(device=planes.device, dtype=torch.float32)
         cam2world = cam2world.expand(B, 4, 4) if cam2world.shape[0] == 1 else cam2world  # (B, 4, 4)
         rays_o, rays_d = get_rays(cam2world, fov, S)  # (B, S*S, 3) each

@@ -1,6 +1,8 @@
 """Tests for f_trigen (unet.UNet) and the G3DR module: the authors' checkpoint format, the exact
 paper architecture, our checkpoints, bad input, and an end-to-end encode + render with gradients."""
+import collections
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +266,39 @@ def test_model_sampler_option():
         model.render(planes, *ray, sampler="nearest", **opts)
     with pytest.raises(ValueError, match="'nearest'"):
         G3DR(dim=16, dim_mults=(1, 2), image_size=16, plane_channels=8, pos_channels=8, sampler="nearest")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("sampler", ["table", "grid_sample"])
+def test_render_view_waits_for_the_host_once_per_view_not_per_chunk(device, sampler, monkeypatch):
+    """Host reads (Tensor.item / __bool__ / tolist, torch.tensor copies) and, on CUDA, synchronising
+    calls (torch.cuda.set_sync_debug_mode) happen per view: rendering in 9 chunks costs no more."""
+    counts = collections.Counter()
+    for name in ("item", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k:
+                            counts.update([_n]) or _f(self, *a, **k))
+    real_tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: counts.update(["torch.tensor"]) or real_tensor(*a, **k))
+    model = G3DR(dim=16, dim_mults=(1, 2), image_size=16, plane_channels=8, pos_channels=8, sampler=sampler).to(device)
+    planes = torch.randn(2, 3, 8, 16, 16, device=device)
+    surface = torch.full((2, 1, 12, 12), 5.0, device=device)
+
+    def waits(chunk):
+        counts.clear()
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.render_view(planes, math.pi / 2, math.pi / 2, 12, chunk=chunk, n_coarse=8, n_fine=8,
+                                  surface_depth=surface, depth_guided_prob=0.5)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode(0)
+        return dict(counts, syncs=sum("synchroniz" in str(w.message) for w in caught))
+
+    one, nine = waits(2 * 144), waits(2 * 16)
+    assert one == nine
+    assert one.get("torch.tensor", 0) <= 3  # the table's constants, once per view

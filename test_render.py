@@ -12,6 +12,18 @@ from render import (GradRescale, composite, get_rays, orbit_camera, ray_box_limi
                     rescale_kernel)
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official_render.pt"  # see fixtures/README.md
+# the renderer's and the sampler's tests also run on a GPU where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """CUDA runs are held to the float32 references: TF32 matmuls and convs (10-bit mantissa) would
+    miss them by ~1e-3."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _rel(a, b):
@@ -19,15 +31,15 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _canonical_rays(S, B=1):
-    return get_rays(orbit_camera(math.pi / 2, math.pi / 2).expand(B, 4, 4), 18.0, S)
+def _canonical_rays(S, B=1, device="cpu"):
+    return get_rays(orbit_camera(math.pi / 2, math.pi / 2).expand(B, 4, 4).to(device), 18.0, S)
 
 
-def _small_field(seed=0, B=1, C=8, H=16, W=16, dtype=torch.float32):
+def _small_field(seed=0, B=1, C=8, H=16, W=16, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    planes = torch.randn(B, 3, C, H, W, generator=g, dtype=dtype).requires_grad_(True)
+    planes = torch.randn(B, 3, C, H, W, generator=g, dtype=dtype).to(device).requires_grad_(True)
     torch.manual_seed(seed)
-    decoder = Decoder(C).to(dtype)
+    decoder = Decoder(C).to(device, dtype)
     return planes, decoder
 
 
@@ -38,16 +50,16 @@ def official():
     return torch.load(FIXTURE, weights_only=True)
 
 
-def _official_field(fx):
+def _official_field(fx, device="cpu"):
     decoder = Decoder(fx["planes"].shape[2])
     decoder.load_state_dict(fx["decoder"])  # strict: the official key names
-    planes = fx["planes"].clone().requires_grad_(True)
-    return planes, decoder
+    planes = fx["planes"].to(device, copy=True).requires_grad_(True)
+    return planes, decoder.to(device)
 
 
-def _surface(fx):
+def _surface(fx, device="cpu"):
     B, _, S, _ = fx["surface_depth"].shape
-    return fx["surface_depth"].reshape(B, S * S, 1)  # (B, 1, S, S) -> (B, R, 1), ray = row * S + col
+    return fx["surface_depth"].reshape(B, S * S, 1).to(device)  # (B, 1, S, S) -> (B, R, 1), ray = row * S + col
 
 
 def test_official_cameras_and_rays(official):
@@ -59,35 +71,37 @@ def test_official_cameras_and_rays(official):
     torch.testing.assert_close(rays_d, fx["rays_d"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", model.SAMPLERS)
-def test_official_plain_render(official, sampler):
+def test_official_plain_render(official, sampler, device):
     fx = official
-    planes, decoder = _official_field(fx)
+    planes, decoder = _official_field(fx, device)
     with torch.no_grad():
-        out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"], fx["rays_d"], fx["n_coarse"],
-                          fx["n_fine"], perturb=False)
+        out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"].to(device),
+                          fx["rays_d"].to(device), fx["n_coarse"], fx["n_fine"], perturb=False)
     assert out["depth_guided"] is False
     for key in ("rgb", "depth", "opacity"):
-        assert _rel(out[key], fx["plain"][key]) < 1e-5, key
+        assert _rel(out[key].cpu(), fx["plain"][key]) < 1e-5, key
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", model.SAMPLERS)
-def test_official_guided_render_and_gradients(official, sampler):
+def test_official_guided_render_and_gradients(official, sampler, device):
     fx = official
-    planes, decoder = _official_field(fx)
-    x = _surface(fx)
-    out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"], fx["rays_d"], fx["n_coarse"], fx["n_fine"],
-                      perturb=False, surface_depth=x, depth_guided_prob=1.0)
+    planes, decoder = _official_field(fx, device)
+    x = _surface(fx, device)
+    out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"].to(device), fx["rays_d"].to(device),
+                      fx["n_coarse"], fx["n_fine"], perturb=False, surface_depth=x, depth_guided_prob=1.0)
     assert out["depth_guided"] is True
     loss = out["rgb"].square().sum() + (out["depth"] - x).abs().sum() + out["opacity"].sum()
     loss.backward()
     ref = fx["guided"]
     for key in ("rgb", "depth", "opacity"):
-        assert _rel(out[key], ref[key]) < 1e-5, key
-    assert _rel(loss.detach(), ref["loss"]) < 1e-5
-    assert _rel(planes.grad, ref["grad_planes"]) < 1e-5
+        assert _rel(out[key].cpu(), ref[key]) < 1e-5, key
+    assert _rel(loss.detach().cpu(), ref["loss"]) < 1e-5
+    assert _rel(planes.grad.cpu(), ref["grad_planes"]) < 1e-5
     for name, p in decoder.named_parameters():
-        assert _rel(p.grad, ref["grad_decoder"][name]) < 1e-5, name
+        assert _rel(p.grad.cpu(), ref["grad_decoder"][name]) < 1e-5, name
 
 
 def test_official_fixture_needs_the_released_pyramid(official):
@@ -149,11 +163,12 @@ def test_get_rays_conventions():
 
 # --- ray limits -----------------------------------------------------------------------------------
 
-def test_ray_box_limits():
+@pytest.mark.parametrize("device", DEVICES)
+def test_ray_box_limits(device):
     o = torch.tensor([[[-5.0, 0.0, 0.0], [-5.0, 0.5, -0.5], [0.0, 0.0, 0.0], [-5.0, 3.0, 0.0], [-5.0, -0.5, 0.0]]])
     d = F.normalize(torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0],
                                    [1.0, 0.3, 0.0]]]), dim=-1)
-    near, far, hit = ray_box_limits(o, d, box_size=2.0)
+    near, far, hit = (x.cpu() for x in ray_box_limits(o.to(device), d.to(device), box_size=2.0))
     assert hit.tolist() == [[True, True, True, False, True]]
     torch.testing.assert_close(near[0, :3], torch.tensor([4.0, 4.0, -1.0]))
     torch.testing.assert_close(far[0, :3], torch.tensor([6.0, 6.0, 1.0]))
@@ -165,8 +180,11 @@ def test_ray_box_limits():
     assert near[0, 3].item() == near[0, hit[0]].min().item() == -1.0
     assert far[0, 3].item() == near[0, hit[0]].max().item()
     # a bigger box scales the limits
-    near2, far2, _ = ray_box_limits(o[:, :1], d[:, :1], box_size=4.0)
+    near2, far2, _ = ray_box_limits(o[:, :1].to(device), d[:, :1].to(device), box_size=4.0)
     assert (near2.item(), far2.item()) == (3.0, 7.0)
+    # when no ray of the batch hits, the release's empty limits: near -1, far -2
+    near3, far3, hit3 = ray_box_limits(o[:, 3:4].to(device), d[:, 3:4].to(device))
+    assert not hit3.any() and (near3.item(), far3.item()) == (-1.0, -2.0)
 
 
 def test_rays_that_miss_are_rendered_in_front_of_the_box():
@@ -189,17 +207,20 @@ def test_rays_that_miss_are_rendered_in_front_of_the_box():
 def _constant_field(raw_density, color):
     def field(points, dirs):
         B, M, _ = points.shape
-        return color.expand(B, M, 3), torch.full((B, M, 1), raw_density)
+        return color.to(points.device).expand(B, M, 3), torch.full((B, M, 1), raw_density, device=points.device)
     return field
 
 
-def test_constant_density_matches_beer_lambert():
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_density_matches_beer_lambert(device):
     """Inside the box a constant density sigma gives opacity 1 - exp(-sigma L) over the chord L."""
     rays_o, rays_d = _canonical_rays(7)
     raw = 0.7
     sigma = F.softplus(torch.tensor(raw - 1.0)).item()
     color = torch.tensor([0.2, 0.5, 0.9])
-    out = render_rays(_constant_field(raw, color), rays_o, rays_d, n_coarse=16, n_fine=16, perturb=False)
+    out = render_rays(_constant_field(raw, color), rays_o.to(device), rays_d.to(device), n_coarse=16, n_fine=16,
+                      perturb=False)
+    out = {k: v.cpu() for k, v in out.items() if torch.is_tensor(v)}
     L = 2.0 / rays_d[..., 0:1]  # these rays enter at x = -1 and leave at x = +1
     expected = 1 - torch.exp(-sigma * L)
     torch.testing.assert_close(out["opacity"], expected, rtol=0, atol=1e-6)
@@ -322,30 +343,39 @@ def test_composite_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *a: composite(*a, k=ones)["rgb"], (rgb, density, t))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sampler", model.SAMPLERS)
-def test_sample_triplane_gradcheck_float64(sampler):
+def test_sample_triplane_gradcheck_float64(sampler, device):
     g = torch.Generator().manual_seed(0)
-    planes = torch.randn(2, 3, 2, 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    points = torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 2.4 - 1.2  # some outside the box
+    planes = torch.randn(2, 3, 2, 6, 4, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
+    points = (torch.rand(2, 9, 3, generator=g, dtype=torch.float64) * 2.4 - 1.2).to(device)  # some outside the box
     assert torch.autograd.gradcheck(lambda p: sample_triplane(p, points, levels=2, sampler=sampler), (planes,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("projection", ["official", "yz"])
-def test_table_sampler_equals_grid_sample(projection):
-    """The fast sampler (one gather from a table) against the plain EG3D one (F.grid_sample per level)."""
+def test_table_sampler_equals_grid_sample(projection, device):
+    """The fast sampler (one gather from a table) and the plain EG3D one (F.grid_sample per level),
+    on the device, against the plain one on the CPU: features and plane gradients."""
     g = torch.Generator().manual_seed(1)
-    planes = torch.randn(2, 3, 5, 16, 24, generator=g, requires_grad=True)  # H != W: axes must not swap
+    planes = torch.randn(2, 3, 5, 16, 24, generator=g)  # H != W: axes must not swap
     points = torch.rand(2, 300, 3, generator=g) * 2.2 - 1.1  # ~25% outside the box
     nan = float("nan")
     points[0, :5] = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0], [1.05, 0, 0], [nan, 0, 0], [nan, nan, nan]])
-    table = sample_triplane(planes, points, levels=3, projection=projection, sampler="table")
-    grid = sample_triplane(planes, points, levels=3, projection=projection, sampler="grid_sample")
-    torch.testing.assert_close(table, grid, rtol=1e-5, atol=1e-5)
-    assert (table[0, 4] == 0).all() and (grid[0, 4] == 0).all()  # NaN counts as outside the box
-    cot = torch.randn(table.shape, generator=g)
-    (g_table,) = torch.autograd.grad(table, planes, cot)
-    (g_grid,) = torch.autograd.grad(grid, planes, cot)
-    torch.testing.assert_close(g_table, g_grid, rtol=1e-5, atol=1e-5)
+    cot = torch.randn(2, 300, 5, generator=g)
+
+    def run(sampler, dev):
+        p = planes.to(dev).requires_grad_(True)
+        out = sample_triplane(p, points.to(dev), levels=3, projection=projection, sampler=sampler)
+        (grad,) = torch.autograd.grad(out, p, cot.to(dev))
+        return out.detach().cpu(), grad.cpu()
+
+    ref, ref_grad = run("grid_sample", "cpu")
+    assert (ref[0, 4] == 0).all() and (ref[1] != 0).any(dim=-1).all()  # NaN counts as outside the box
+    for sampler in model.SAMPLERS:
+        out, grad = run(sampler, device)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_grid_sample_sampler_is_the_papers_formula():
@@ -431,11 +461,12 @@ def test_decoder_semantics_and_keys():
 
 # --- modes ------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("guided", [False, True])
-def test_deterministic_mode_is_deterministic(guided):
-    planes, decoder = _small_field(B=2)
-    rays_o, rays_d = _canonical_rays(5, B=2)
-    x = torch.full((2, 25, 1), 5.0)
+def test_deterministic_mode_is_deterministic(guided, device):
+    planes, decoder = _small_field(B=2, device=device)
+    rays_o, rays_d = _canonical_rays(5, B=2, device=device)
+    x = torch.full((2, 25, 1), 5.0, device=device)
     kw = dict(n_coarse=8, n_fine=8, surface_depth=x, depth_guided_prob=float(guided))
     field = make_field(planes, decoder)
     a = render_rays(field, rays_o, rays_d, perturb=False, **kw)
@@ -465,13 +496,14 @@ def test_depth_guided_samples_and_probability():
     assert not render_rays(field, rays_o, rays_d, n_coarse=4, n_fine=2, depth_guided_prob=1.0)["depth_guided"]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("guided", [False, True])
-def test_chunked_equals_unchunked(guided):
-    planes, decoder = _small_field(B=2)
-    rays_o, rays_d = _canonical_rays(6, B=2)
+def test_chunked_equals_unchunked(guided, device):
+    planes, decoder = _small_field(B=2, device=device)
+    rays_o, rays_d = _canonical_rays(6, B=2, device=device)
     rays_o, rays_d = rays_o.clone(), rays_d.clone()
     rays_o[:, 30] = torch.tensor([-5.0, 4.0, 0.0])  # a ray that misses: its limits come from all rays
-    x = 4.5 + torch.rand(2, 36, 1)
+    x = 4.5 + torch.rand(2, 36, 1, device=device)
     kw = dict(n_coarse=8, n_fine=8, perturb=False, surface_depth=x, depth_guided_prob=float(guided))
     field = make_field(planes, decoder)
     with torch.no_grad():
