@@ -5,6 +5,8 @@ Benchmarks. One subcommand per benchmark, each printing one table:
     python bench.py render --device cuda --batch 8 --iters 20
     python bench.py train                        # one full training step, small model, synthetic recipe
     python bench.py train --size paper           # the released recipe's step (f_trigen 147M, 128 x 128)
+    python bench.py gpu                          # the one-shot device check of a new GPU (gpu_check.py)
+    python bench.py gpu --device cpu --size tiny # the same rows on the CPU, in seconds
 
 Timings on a shared machine are noisy: the table shows the load average next to the numbers.
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
@@ -204,9 +206,23 @@ def bench_train(args):
     ])
 
 
+# --- gpu ---------------------------------------------------------------------------------------
+
+def add_gpu_args(p):
+    import gpu_check
+    gpu_check.add_args(p)
+
+
+def bench_gpu(args):
+    """The one-shot device check: correctness, speed, capacity and the recipe's projected time."""
+    import gpu_check
+    sys.exit(gpu_check.run(args))
+
+
 BENCHMARKS = {
     "render": (add_render_args, bench_render),
     "train": (add_train_args, bench_train),
+    "gpu": (add_gpu_args, bench_gpu),
 }
 
 
