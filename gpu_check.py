@@ -255,7 +255,8 @@ def check_step_vs_cpu(ctx):
         worst_loss = max(worst_loss, _rel(loss_d, loss_c))
         worst_grad = max(worst_grad, max(_rel_norm(a, b) for a, b in zip(grads_d, grads_c)))
     ok = worst_loss < 1e-5 and worst_grad < 1e-4
-    return f"loss {worst_loss:.1e}, gradients {worst_grad:.1e} (guided and importance-sampled)", "PASS" if ok else "FAIL"
+    value = f"loss {worst_loss:.1e}, gradients {worst_grad:.1e} (guided and importance-sampled)"
+    return value, "PASS" if ok else "FAIL"
 
 
 def check_bf16_vs_fp32(ctx):
