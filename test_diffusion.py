@@ -282,9 +282,9 @@ def test_loss_is_zero_for_the_oracle_and_drops_classes():
 
 
 def _synthetic_pair(size=16):
-    """Scene 0 of data.SyntheticScenes and the first scene of another class: (x (2, 4, S, S), labels)."""
-    import data
-    ds = data.SyntheticScenes(16, image_size=size, seed=0)
+    """Scene 0 of scenes.SyntheticScenes and the first scene of another class: (x (2, 4, S, S), labels)."""
+    from scenes import SyntheticScenes
+    ds = SyntheticScenes(16, image_size=size, seed=0)
     first = ds[0]
     other = next(ds[i] for i in range(1, len(ds)) if ds[i]['label'] != first['label'])
     image = torch.stack([first['image'], other['image']])         # (2, 3, S, S)
