@@ -23,6 +23,24 @@ def run(script, *args, cwd=REPO):
                           text=True, timeout=300)
 
 
+# Runs a script with every network connection refused inside it, so that what it does when pretrained
+# weights are missing is the same on a machine with network and one without.
+OFFLINE = """
+import os, runpy, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError('network disabled by the test')
+socket.socket.connect = socket.create_connection = refuse
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def run_offline(script, *args, cwd=REPO):
+    return subprocess.run([sys.executable, '-c', OFFLINE, str(REPO / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
 def assert_one_line_error(r, *fragments):
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     err = r.stderr.strip()
@@ -86,13 +104,13 @@ NO_PERCEPTUAL = ['--w_vgg', '0', '--w_vgg_novel', '0', '--w_clip', '0', '--w_cli
 
 
 def test_imagenet_without_pretrained_weights_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))  # and no network: nothing to download
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))  # and, offline, nothing to download
     folder = tmp_path / 'data' / 'n01'
     folder.mkdir(parents=True)
     Image.new('RGB', (40, 40)).save(folder / 'a.jpg')
     Image.new('I;16', (40, 40)).save(folder / 'a_depth.png')
-    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
-            '--w_clip', '0', '--w_clip_novel', '0')
+    r = run_offline('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+                    '--w_clip', '0', '--w_clip_novel', '0')
     assert_one_line_error(r, 'VGG16', 'w_vgg=0')
 
 
