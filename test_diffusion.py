@@ -345,6 +345,19 @@ def test_non_flatness_score():
         D.non_flatness_score(flat, near=6.0, far=4.0)
 
 
+def test_non_flatness_score_against_a_hand_computation():
+    """A 4 x 4 map whose 64-bin histogram over [4, 6) (bin width 1/32) is 8, 4, 2, 2 pixels: the bin
+    edge 4 + 1/32 belongs to bin 1, 6.5 is clamped into the last bin."""
+    depth = torch.tensor([5.0] * 8 + [4 + 1 / 32] * 4 + [6.5] * 2 + [4 + 1 / 64] * 2).view(1, 1, 4, 4)
+    p = [8 / 16, 4 / 16, 2 / 16, 2 / 16]
+    entropy = -sum(q * math.log(q) for q in p)                   # = 1.75 ln 2 nats
+    assert entropy == pytest.approx(1.75 * math.log(2))
+    assert D.non_flatness_score(depth) == pytest.approx(math.exp(entropy), rel=1e-12)   # 2^1.75 = 3.364
+    halves = torch.full((1, 1, 4, 4), 4.5)
+    halves[..., 2:] = 5.5                                        # two bins of 8: exp(ln 2) = 2
+    assert D.non_flatness_score(torch.cat([depth, halves])) == pytest.approx((2 ** 1.75 + 2) / 2, rel=1e-12)
+
+
 def test_sample_quality():
     ref = _two_scenes(16)
     q = D.sample_quality(ref, ref, torch.tensor([0, 1]), torch.tensor([0, 1]))

@@ -1,6 +1,7 @@
 """Tests of sample.py (pictures and --eval from our checkpoints and the authors' format) and of the
 one-line errors both command-line programs give on bad input."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,37 @@ def test_official_checkpoint_on_real_photos(tmp_path):
     for name in ('1551', '601'):
         assert (tmp_path / 'out' / f'{name}_canonical.png').exists()
         assert gif_frames(tmp_path / 'out' / f'{name}_orbit.gif')[0] == 3
+
+
+# -----------------------------------------------------------------------------
+# the metrics of --eval (README's numbers), against hand computations
+
+def test_masked_psnr():
+    import sample
+    a = torch.zeros(2, 3, 2, 2)
+    b = torch.zeros(2, 3, 2, 2)
+    b[0] = 0.1
+    b[0, :, 1, 1] = 1.0                                          # outside image 0's mask: ignored
+    b[1, 2, 0, 1] = 0.5                                          # one value of twelve off by 0.5
+    mask = torch.ones(2, 1, 2, 2)
+    mask[0, 0, 1, 1] = 0
+    # image 0: MSE over its 3 pixels x 3 channels = 0.1^2 -> 20 dB; image 1: MSE = 0.25 / 12
+    expected = [20.0, -10 * math.log10(0.25 / 12)]
+    assert sample.psnr(a, b, mask).tolist() == pytest.approx(expected, abs=1e-4)
+    assert sample.psnr(a, b, mask.bool()).tolist() == pytest.approx(expected, abs=1e-4)
+    assert sample.psnr(a[1:], b[1:]).tolist() == pytest.approx(expected[1:], abs=1e-4)   # no mask: every pixel
+
+
+def test_masked_depth_error():
+    import sample
+    true = torch.tensor([[4.0, 5.0], [6.0, 0.0]]).view(1, 1, 2, 2)   # 0: the ray hit nothing
+    pred = torch.tensor([[4.5, 5.0], [5.5, 5.0]]).view(1, 1, 2, 2)
+    valid = true > 0
+    assert sample.depth_mae(pred, true, valid) == pytest.approx((0.5 + 0 + 0.5) / 3)
+    both = torch.cat([pred, pred + 1]), torch.cat([true, true]), torch.cat([valid, valid])
+    # pooled over the batch's valid pixels: errors 0.5, 0, 0.5 and 1.5, 1, 0.5
+    assert sample.depth_mae(*both) == pytest.approx((1 + 3) / 6)
+    assert sample.depth_mae(pred, true, torch.zeros_like(valid)) == 0
 
 
 # -----------------------------------------------------------------------------
