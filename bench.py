@@ -148,7 +148,7 @@ def bench_train(args):
     size, the released ImageNet recipe for the paper size. VGG/CLIP terms are left out (their
     pretrained weights are not always at hand); their cost is that of the frozen backbones."""
     import train
-    from data import SyntheticScenes
+    from scenes import SyntheticScenes
     from model import G3DR, MODEL_PRESETS
     device = torch.device(args.device)
     if args.threads:

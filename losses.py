@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import one_line
+
 # frozen backbones, keyed by what identifies their weights; see _frozen()
 _BACKBONES = {}
 
@@ -43,11 +45,6 @@ def _on_device(module, device):
     if p.device != device:
         module.to(device)
     return module
-
-
-def _one_line(e):
-    # an underlying error, squeezed onto one line for our own one-line messages
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 def _check_pair(pred, target, name):
@@ -136,7 +133,7 @@ def _load_vgg16_features(pretrained, download=True):
             url, path = _vgg16_weights_help()
             raise WeightsUnavailable(
                 f"VGGPerceptual: cannot load the torchvision VGG16 ImageNet weights (IMAGENET1K_V1): "
-                f"looked for {path} (fetched from {url} when missing), failed with {_one_line(e)}; "
+                f"looked for {path} (fetched from {url} when missing), failed with {type(e).__name__}: {one_line(e)}; "
                 f"put that file at {path} (download it where there is network access; TORCH_HOME moves "
                 f"the cache), or set the train config key w_vgg=0 to turn the VGG perceptual term off"
             ) from e
@@ -163,7 +160,7 @@ def _load_calibration(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        raise ValueError(f"VGGPerceptual: cannot read LPIPS calibration file {path} ({_one_line(e)})") from e
+        raise ValueError(f"VGGPerceptual: cannot read LPIPS calibration file {path} ({type(e).__name__}: {one_line(e)})") from e
     if not isinstance(state, dict):
         raise ValueError(f"VGGPerceptual: LPIPS calibration file {path} holds a {type(state).__name__}, not a state dict")
     weights = []
@@ -308,7 +305,7 @@ def _load_clip(model_name, pretrained, cache_dir, download=True):
         source, where = _clip_weights_help(model_name, pretrained, cache_dir)
         raise WeightsUnavailable(
             f"CLIPEmbeddingLoss: cannot load open_clip weights for model {model_name!r} with pretrained "
-            f"{pretrained!r} ({source}), looked for in {where}, failed with {_one_line(e)}; "
+            f"{pretrained!r} ({source}), looked for in {where}, failed with {type(e).__name__}: {one_line(e)}; "
             f"fill that cache (run once with network access, or copy it there; HF_HOME/HF_HUB_CACHE move it), "
             f"or set the train config key clip_pretrained to a local checkpoint file (clip_model picks the "
             f"model), or set w_clip=0 to turn the CLIP term off"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import data
 from model import G3DR, load_checkpoint
+from scenes import SyntheticScenes
 
 
 def parse_args(argv):
@@ -124,11 +125,17 @@ def psnr(a, b, mask=None):
     return -10 * torch.log10(mse.clamp_min(1e-10))
 
 
+def depth_mae(pred, true, mask):
+    """Mean absolute depth error over the pixels of `mask`: pred, true, mask (B, 1, H, W); a float
+    over the whole batch (0 when the mask is empty)."""
+    return ((pred - true).abs() * mask).sum().item() / max(1, mask.sum().item())
+
+
 @torch.no_grad()
 def evaluate(model, args, device, seed, image_size):
     import diffusion
     from tqdm import tqdm
-    scenes = data.SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
+    scenes = SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
     S = args.resolution or image_size
     opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
     canon_psnr, canon_mae, novel_psnr, novel_mae, depths = [], [], [], [], []
@@ -144,7 +151,7 @@ def evaluate(model, args, device, seed, image_size):
             # score the pixels where there is something to see.
             valid = true_depth > 0                                        # (1, 1, S, S)
             p = psnr((rgb + 1) / 2, true_rgb, valid).item()
-            mae = ((d - true_depth).abs() * valid).sum().item() / max(1, valid.sum().item())
+            mae = depth_mae(d, true_depth, valid)
             (canon_psnr if k == 0 else novel_psnr).append(p)
             (canon_mae if k == 0 else novel_mae).append(mae)
             if k == 0:
@@ -168,7 +175,7 @@ def evaluate_generation(args, device, seed):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x = diffusion.ddim_sample(denoiser, (len(labels), 4, size, size), labels, steps=args.steps, eta=args.eta,
                               guidance_scale=args.guidance, generator=gen, progress=True)
-    scenes = data.SyntheticScenes(max(2, args.eval_scenes), image_size=size, seed=seed)
+    scenes = SyntheticScenes(max(2, args.eval_scenes), image_size=size, seed=seed)
     ref = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
     ref_x = diffusion.rgbd_to_x(ref['image'], ref['depth']).to(device)
     image, depth = diffusion.x_to_rgbd(x)
@@ -184,9 +191,7 @@ def evaluate_generation(args, device, seed):
 
 
 def write_json(metrics, path):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(path + '.tmp', path)
+    data.atomic_write(path, lambda f: f.write(json.dumps(metrics, indent=2).encode()))
     print(f"wrote {path}")
 
 
@@ -259,7 +264,7 @@ def main(argv):
         for name, image, depth in load_inputs(args, image_size):
             reconstruct(model, image.to(device), depth.to(device), name, out_dir, args)
     else:
-        scenes = data.SyntheticScenes(args.num_scenes, image_size=image_size, seed=heldout_seed)
+        scenes = SyntheticScenes(args.num_scenes, image_size=image_size, seed=heldout_seed)
         batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
         reconstruct(model, batch['image'].to(device), batch['depth'].to(device), 'scene', out_dir, args)
     print(f"wrote pictures to {out_dir}")
@@ -269,6 +274,5 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except (FileNotFoundError, ValueError, OSError) as e:
-        from train import one_line
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {data.one_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -282,9 +282,9 @@ def test_loss_is_zero_for_the_oracle_and_drops_classes():
 
 
 def _synthetic_pair(size=16):
-    """Scene 0 of data.SyntheticScenes and the first scene of another class: (x (2, 4, S, S), labels)."""
-    import data
-    ds = data.SyntheticScenes(16, image_size=size, seed=0)
+    """Scene 0 of scenes.SyntheticScenes and the first scene of another class: (x (2, 4, S, S), labels)."""
+    from scenes import SyntheticScenes
+    ds = SyntheticScenes(16, image_size=size, seed=0)
     first = ds[0]
     other = next(ds[i] for i in range(1, len(ds)) if ds[i]['label'] != first['label'])
     image = torch.stack([first['image'], other['image']])         # (2, 3, S, S)
@@ -341,8 +341,21 @@ def test_non_flatness_score():
     assert D.non_flatness_score(spread) == pytest.approx(64.0)
     assert D.non_flatness_score(torch.cat([flat[:1], two])) == pytest.approx(1.5)   # mean over maps
     assert D.non_flatness_score(torch.full((1, 8, 8), 9.0)) == pytest.approx(1.0)   # clamped, 3-D ok
-    with pytest.raises(ValueError, match='near < far'):
+    with pytest.raises(ValueError, match='near=6.0, far=4.0'):
         D.non_flatness_score(flat, near=6.0, far=4.0)
+
+
+def test_non_flatness_score_against_a_hand_computation():
+    """A 4 x 4 map whose 64-bin histogram over [4, 6) (bin width 1/32) is 8, 4, 2, 2 pixels: the bin
+    edge 4 + 1/32 belongs to bin 1, 6.5 is clamped into the last bin."""
+    depth = torch.tensor([5.0] * 8 + [4 + 1 / 32] * 4 + [6.5] * 2 + [4 + 1 / 64] * 2).view(1, 1, 4, 4)
+    p = [8 / 16, 4 / 16, 2 / 16, 2 / 16]
+    entropy = -sum(q * math.log(q) for q in p)                   # = 1.75 ln 2 nats
+    assert entropy == pytest.approx(1.75 * math.log(2))
+    assert D.non_flatness_score(depth) == pytest.approx(math.exp(entropy), rel=1e-12)   # 2^1.75 = 3.364
+    halves = torch.full((1, 1, 4, 4), 4.5)
+    halves[..., 2:] = 5.5                                        # two bins of 8: exp(ln 2) = 2
+    assert D.non_flatness_score(torch.cat([depth, halves])) == pytest.approx((2 ** 1.75 + 2) / 2, rel=1e-12)
 
 
 def test_sample_quality():
@@ -385,7 +398,7 @@ def test_fid_closed_forms():
     mu, sigma = D.feature_stats(f)
     assert np.allclose(sigma, np.cov(f.numpy(), rowvar=False)) and np.allclose(mu, f.numpy().mean(0))
     assert D.fid_from_features(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match='do not match'):
+    with pytest.raises(ValueError, match=r'\(20,\) / \(3,\)'):
         D.fid_from_features(mu, sigma, mu[:3], sigma[:3, :3])
 
 

@@ -4,6 +4,7 @@ weights cannot be downloaded in tests); the pretrained paths are tested for thei
 every network access blocked.
 """
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -215,13 +216,16 @@ def test_vgg_calibration_file(vgg, tmp_path):
     missing = dict(state)
     del missing['lin3.model.1.weight']
     torch.save(missing, tmp_path / 'missing.pth')
-    with pytest.raises(ValueError, match=r'missing\.pth lacks key lin3\.model\.1\.weight'):
+    with pytest.raises(ValueError) as info:
         losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'missing.pth'))
+    assert str(tmp_path / 'missing.pth') in str(info.value) and 'lin3.model.1.weight' in str(info.value)
     wrong = dict(state)
     wrong['lin2.model.1.weight'] = torch.rand(1, 128, 1, 1)
     torch.save(wrong, tmp_path / 'wrong.pth')
-    with pytest.raises(ValueError, match=r'lin2\.model\.1\.weight in .*wrong\.pth has shape \(1, 128, 1, 1\), expected \(1, 256, 1, 1\)'):
+    with pytest.raises(ValueError) as info:
         losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'wrong.pth'))
+    for fact in (str(tmp_path / 'wrong.pth'), 'lin2.model.1.weight', '(1, 128, 1, 1)', '(1, 256, 1, 1)'):
+        assert fact in str(info.value), fact
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match=r'junk\.pth'):
         losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'junk.pth'))
@@ -250,16 +254,23 @@ def _features(vgg, x):
 
 
 def _block_network(monkeypatch):
+    """Every way out refused (the sockets too), so these tests mean the same on a machine with network."""
+    attempts = []
+
     def offline(*args, **kwargs):
+        attempts.append(args)
         raise urllib.error.URLError('network disabled by test')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     monkeypatch.setattr(urllib.request, 'urlopen', offline)
+    monkeypatch.setattr(socket.socket, 'connect', offline)
+    monkeypatch.setattr(socket, 'create_connection', offline)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     try:
         from huggingface_hub import constants
         monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)  # read at import time, so patch it too
     except ImportError:
         pass
+    return attempts
 
 
 def test_vgg_pretrained_offline_error(tmp_path, monkeypatch):
@@ -374,17 +385,15 @@ def test_clip_bad_names():
         losses.CLIPEmbeddingLoss('ViT-B-16', 'no-such-tag')
 
 
-def test_cache_only_loading_fails_fast_and_clearly(tmp_path, monkeypatch):
+def test_cache_only_loading_fails_at_once_without_trying_the_network(tmp_path, monkeypatch):
     """download=False (what synthetic training runs use): no network attempt, an immediate clear error."""
-    import time
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf'))
-    monkeypatch.setattr(urllib.request, 'urlopen', lambda *a, **k: pytest.fail('tried to download'))
+    attempts = _block_network(monkeypatch)
     for key in [k for k in losses._BACKBONES if k[0] in ('vgg16_lpips', 'open_clip') and k[-1] in (True, 'openai')]:
         monkeypatch.delitem(losses._BACKBONES, key)
-    t0 = time.time()
     with pytest.raises(losses.WeightsUnavailable, match='vgg16-397923af.pth'):
         losses.VGGPerceptual(pretrained=True, download=False)
     with pytest.raises(losses.WeightsUnavailable, match="ViT-B-16"):
         losses.CLIPEmbeddingLoss('ViT-B-16', pretrained='openai', download=False)
-    assert time.time() - t0 < 20
+    assert attempts == []  # cache only: not even one connection was tried

@@ -109,21 +109,26 @@ def tiny_official(tmp_path_factory):
     return model, _save_official(model, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
+def _raises(error, facts, fn, *args):
+    """fn(*args) raises `error` whose message names every one of `facts` (the file, key or value at fault)."""
+    with pytest.raises(error) as info:
+        fn(*args)
+    for fact in facts:
+        assert fact in str(info.value), (fact, str(info.value))
+
+
 def test_bad_file_errors_name_the_file(tmp_path, tiny_official):
     missing = tmp_path / "nope.pt"
-    with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint file not found"):
-        G3DR.from_official(missing)
+    _raises(FileNotFoundError, [str(missing)], G3DR.from_official, missing)
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint\n")
     for load in (G3DR.from_official, G3DR.from_checkpoint):
-        with pytest.raises(ValueError, match=r"notes.pt: not a PyTorch checkpoint"):
-            load(text)
+        _raises(ValueError, [str(text), "PyTorch"], load, text)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
-    with pytest.raises(ValueError, match=r"tensor.pt: not an official G3DR checkpoint"):
-        G3DR.from_official(tensor)
-    with pytest.raises(ValueError, match=r"tiny.pt: not a G3DR checkpoint.*use G3DR.from_official"):
-        G3DR.from_checkpoint(tiny_official[1])  # the authors' format given to our loader
+    _raises(ValueError, [str(tensor), "official"], G3DR.from_official, tensor)
+    # the authors' format given to our loader: the file, and the loader to use instead
+    _raises(ValueError, [str(tiny_official[1]), "G3DR.from_official"], G3DR.from_checkpoint, tiny_official[1])
 
 
 def test_wrong_sizes_list_the_mis_shaped_keys(tiny_official):
@@ -164,11 +169,9 @@ def test_our_checkpoint_rebuilds_the_model(tmp_path):
             assert torch.equal(loaded.state_dict()[k], v), k
     bad = model.checkpoint()
     bad["model_config"] = {**bad["model_config"], "dim": 24}
-    with pytest.raises(ValueError, match=r"checkpoint dict: checkpoint does not fit .* mis-shaped"):
-        G3DR.from_checkpoint(bad)
+    _raises(ValueError, ["mis-shaped", "unet.init_conv.weight (16, 12, 7, 7) vs (24, 12, 7, 7)"], G3DR.from_checkpoint, bad)
     bad["model_config"] = {**model.config, "depth": 3}
-    with pytest.raises(ValueError, match=r"bad model_config .*unknown G3DR config keys \['depth'\]"):
-        G3DR.from_checkpoint(bad)
+    _raises(ValueError, ["model_config", "['depth']"], G3DR.from_checkpoint, bad)
 
 
 # --- the UNet as f_rgbd denoiser, and input checks ----------------------------------------------
@@ -198,8 +201,7 @@ def test_encode_rejects_bad_input():
     model = G3DR(dim=16, dim_mults=(1, 2), image_size=16, plane_channels=8, pos_channels=8)
     with pytest.raises(ValueError, match=r"\(B, 4, H, W\), got \(1, 3, 16, 16\)"):
         model.encode(torch.zeros(1, 3, 16, 16))
-    with pytest.raises(ValueError, match=r"32x32 differs from its positional embedding \(16x16\)"):
-        model.encode(torch.zeros(1, 4, 32, 32))
+    _raises(ValueError, ["32x32", "16x16"], model.encode, torch.zeros(1, 4, 32, 32))
     with pytest.raises(ValueError, match="projection"):
         G3DR(projection="xy")
 

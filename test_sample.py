@@ -1,6 +1,7 @@
 """Tests of sample.py (pictures and --eval from our checkpoints and the authors' format) and of the
 one-line errors both command-line programs give on bad input."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,24 @@ FAST = ['--frames', '3', '--n_coarse', '8', '--n_fine', '8']
 def run(script, *args, cwd=REPO):
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
+
+
+# Runs a script with every network connection refused inside it, so that what it does when pretrained
+# weights are missing is the same on a machine with network and one without.
+OFFLINE = """
+import os, runpy, socket, sys
+def refuse(*args, **kwargs):
+    raise OSError('network disabled by the test')
+socket.socket.connect = socket.create_connection = refuse
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def run_offline(script, *args, cwd=REPO):
+    return subprocess.run([sys.executable, '-c', OFFLINE, str(REPO / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(r, *fragments):
@@ -80,19 +99,50 @@ def test_official_checkpoint_on_real_photos(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# the metrics of --eval (README's numbers), against hand computations
+
+def test_masked_psnr():
+    import sample
+    a = torch.zeros(2, 3, 2, 2)
+    b = torch.zeros(2, 3, 2, 2)
+    b[0] = 0.1
+    b[0, :, 1, 1] = 1.0                                          # outside image 0's mask: ignored
+    b[1, 2, 0, 1] = 0.5                                          # one value of twelve off by 0.5
+    mask = torch.ones(2, 1, 2, 2)
+    mask[0, 0, 1, 1] = 0
+    # image 0: MSE over its 3 pixels x 3 channels = 0.1^2 -> 20 dB; image 1: MSE = 0.25 / 12
+    expected = [20.0, -10 * math.log10(0.25 / 12)]
+    assert sample.psnr(a, b, mask).tolist() == pytest.approx(expected, abs=1e-4)
+    assert sample.psnr(a, b, mask.bool()).tolist() == pytest.approx(expected, abs=1e-4)
+    assert sample.psnr(a[1:], b[1:]).tolist() == pytest.approx(expected[1:], abs=1e-4)   # no mask: every pixel
+
+
+def test_masked_depth_error():
+    import sample
+    true = torch.tensor([[4.0, 5.0], [6.0, 0.0]]).view(1, 1, 2, 2)   # 0: the ray hit nothing
+    pred = torch.tensor([[4.5, 5.0], [5.5, 5.0]]).view(1, 1, 2, 2)
+    valid = true > 0
+    assert sample.depth_mae(pred, true, valid) == pytest.approx((0.5 + 0 + 0.5) / 3)
+    both = torch.cat([pred, pred + 1]), torch.cat([true, true]), torch.cat([valid, valid])
+    # pooled over the batch's valid pixels: errors 0.5, 0, 0.5 and 1.5, 1, 0.5
+    assert sample.depth_mae(*both) == pytest.approx((1 + 3) / 6)
+    assert sample.depth_mae(pred, true, torch.zeros_like(valid)) == 0
+
+
+# -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 1
 
 NO_PERCEPTUAL = ['--w_vgg', '0', '--w_vgg_novel', '0', '--w_clip', '0', '--w_clip_novel', '0']
 
 
 def test_imagenet_without_pretrained_weights_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))  # and no network: nothing to download
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty-cache'))  # and, offline, nothing to download
     folder = tmp_path / 'data' / 'n01'
     folder.mkdir(parents=True)
     Image.new('RGB', (40, 40)).save(folder / 'a.jpg')
     Image.new('I;16', (40, 40)).save(folder / 'a_depth.png')
-    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
-            '--w_clip', '0', '--w_clip_novel', '0')
+    r = run_offline('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+                    '--w_clip', '0', '--w_clip_novel', '0')
     assert_one_line_error(r, 'VGG16', 'w_vgg=0')
 
 

@@ -58,20 +58,25 @@ def test_rgbd_stage_recipe_comes_first_and_overrides_win():
     assert train.parse_config(['--stage', 'rgbd', '--dataset', 'imagenet', '--data_dir', 'x'])['image_size'] == 128
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['--not_a_key', '1'], 'unknown config key --not_a_key'),
-    (['--max_steps', 'ten'], '--max_steps expects an integer'),
-    (['--lr', 'fast'], '--lr expects a number'),
-    (['--resume', 'maybe'], '--resume expects true/false'),
-    (['--dataset', 'mnist'], '--dataset must be one of'),
-    (['--dataset', 'imagenet'], '--dataset imagenet needs --data_dir'),
-    (['--max_steps'], '--max_steps needs a value'),
-    (['--batch_size', '0'], '--batch_size must be positive'),
-    (['oops'], "unexpected argument 'oops'"),
+@pytest.mark.parametrize('argv, facts', [
+    (['--not_a_key', '1'], ['--not_a_key']),
+    (['--max_steps', 'ten'], ['--max_steps', "'ten'"]),
+    (['--lr', 'fast'], ['--lr', "'fast'"]),
+    (['--resume', 'maybe'], ['--resume', "'maybe'"]),
+    (['--dataset', 'mnist'], ['--dataset', "'mnist'"]),
+    (['--dataset', 'imagenet'], ['imagenet', '--data_dir']),
+    (['--max_steps'], ['--max_steps']),
+    (['--batch_size', '0'], ['--batch_size', '0']),
+    (['oops'], ["'oops'"]),
 ])
-def test_config_errors(argv, message):
-    with pytest.raises(train.ConfigError, match=message.replace('(', r'\(')):
+def test_config_errors(argv, facts):
+    """A ConfigError on one line that names the key and the bad value."""
+    with pytest.raises(train.ConfigError) as info:
         train.parse_config(argv)
+    message = str(info.value)
+    assert '\n' not in message
+    for fact in facts:
+        assert fact in message, (fact, message)
 
 
 def test_cli_error_is_one_line_and_exit_1():
@@ -231,7 +236,7 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path, monkeypatch, policy)
     monkeypatch.setattr(train, 'trigen_losses', poisoned)
     argv = [*TINY, '--out_dir', str(tmp_path / 'run'), '--max_steps', '3', '--nonfinite', policy]
     if policy == 'stop':
-        with pytest.raises(FloatingPointError, match='non-finite loss or gradient at step 1'):
+        with pytest.raises(FloatingPointError, match=r'non-finite.* step 1\b'):
             train.main(argv)
         assert not (tmp_path / 'run' / 'ckpt.pt').exists()
         return

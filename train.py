@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data import atomic_write, one_line
 from losses import WeightsUnavailable, depth_loss, opacity_loss, recon_loss, tv_loss
 from model import load_checkpoint
 from render import get_rays, orbit_camera
@@ -274,8 +275,9 @@ def make_loader(dataset, cfg, rank, world_size, start_step):
 
 def make_dataset(cfg):
     import data
+    import scenes
     if cfg['dataset'] == 'synthetic':
-        return data.SyntheticScenes(cfg['num_scenes'], image_size=cfg['image_size'], seed=cfg['seed'])
+        return scenes.SyntheticScenes(cfg['num_scenes'], image_size=cfg['image_size'], seed=cfg['seed'])
     return data.ImageNetDepth(cfg['data_dir'], image_size=cfg['image_size'], depth_root=cfg['depth_dir'] or None,
                               flip=True, skip_missing_depth=cfg['skip_missing_depth'])
 
@@ -389,17 +391,7 @@ def load_perceptual(cfg, device, rank):
 # checkpoints: written atomically, so a run killed at any moment leaves the last good one intact
 
 def save_checkpoint(path, state):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))  # a temporary PATH.tmp-PID, renamed into place
 
 
 def _rng_state():
@@ -423,9 +415,7 @@ def _trim_metrics(path, last_step):
         return
     with open(path) as f:
         lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= last_step]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(lines)
-    os.replace(path + '.tmp', path)
+    atomic_write(path, lambda f: f.write(''.join(lines).encode()))
 
 
 # -----------------------------------------------------------------------------
@@ -585,8 +575,8 @@ def main(argv):
               f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} | out {out_dir}", flush=True)
     # a fixed batch for the picture grids: held-out scenes on synthetic data, the first images otherwise
     if cfg['dataset'] == 'synthetic':
-        import data
-        shown = data.SyntheticScenes(4, image_size=cfg['image_size'], seed=cfg['seed'] + 1)
+        import scenes
+        shown = scenes.SyntheticScenes(4, image_size=cfg['image_size'], seed=cfg['seed'] + 1)
     else:
         shown = dataset
     shown_batch = torch.utils.data.default_collate([shown[i] for i in range(min(4, len(shown)))])
@@ -655,15 +645,6 @@ def main(argv):
     if world_size > 1:
         torch.distributed.barrier()
     return model
-
-
-def one_line(error):
-    """A user-facing error as one line. Errors raised inside DataLoader workers arrive wrapped in a
-    multi-line report whose last line is the original 'module.Error: message'."""
-    lines = [l for l in str(error).strip().splitlines() if l.strip()] or [type(error).__name__]
-    if len(lines) > 1 and 'Original Traceback' in str(error):
-        return lines[-1].split(': ', 1)[-1]
-    return ' '.join(l.strip() for l in lines)
 
 
 if __name__ == '__main__':
