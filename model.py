@@ -4,6 +4,7 @@ lifts one RGB-D image to a triplane, and the G3DR module that ties them to the r
 """
 import math
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -504,17 +505,19 @@ def load_checkpoint(path, trust=False):
     except pickle.UnpicklingError as e:
         if not str(e).startswith("Weights only load failed"):
             raise ValueError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-        # torch's own explanation is a paragraph; its one informative line names what was refused
-        why = next((l.strip() for l in str(e).splitlines() if "WeightsUnpickler error:" in l), "")
-        why = why.split("WeightsUnpickler error:", 1)[-1].split(". Please use", 1)[0].strip() or "unsupported content"
+        # torch's explanation is a paragraph; the line after "WeightsUnpickler error:" says what was refused
+        detail = str(e).partition("WeightsUnpickler error:")[2]
+        why = next((l.strip() for l in detail.splitlines() if l.strip()), "unknown content")
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", why)  # a function or class to import
     except Exception as e:
         raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
     if not trust:
-        raise UnsafeCheckpointError(
-            f"{path}: refused, the safe loader cannot read it ({why}); loading it fully would run code stored in "
-            f"the file: only if you trust its source, pass --trust_checkpoint (trust=True in Python)")
-    print(f"warning: {path}: loading with full unpickling (--trust_checkpoint), which runs any code stored in the "
-          f"file ({why})", file=sys.stderr, flush=True)
+        what = (f"refused: it needs {refused[1]}, which the safe loader does not allow" if refused else
+                f"not a PyTorch checkpoint, or one the safe loader cannot read ({why.split(' Please', 1)[0]})")
+        raise UnsafeCheckpointError(f"{path}: {what}; loading it fully runs code stored in the file: only if you "
+                                    f"trust its source, pass --trust_checkpoint (trust=True in Python)")
+    print(f"warning: {path}: --trust_checkpoint: loading it fully, which runs any code stored in the file",
+          file=sys.stderr, flush=True)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
