@@ -269,8 +269,12 @@ class StepBatchSampler:
 def make_loader(dataset, cfg, rank, world_size, start_step):
     sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
                                start_step, cfg['max_steps'])
+    # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
+    # resumed run has just restored from the checkpoint and must continue exactly.
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], rank, start_step])
+                                                  .generate_state(1)[0]))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 def make_dataset(cfg):
