@@ -271,8 +271,7 @@ def make_loader(dataset, cfg, rank, world_size, start_step):
                                start_step, cfg['max_steps'])
     # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
     # resumed run has just restored from the checkpoint and must continue exactly.
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg['seed'], rank, start_step])
-                                                  .generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(_seed_from(cfg['seed'], rank, start_step))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
                                        pin_memory=torch.cuda.is_available(), generator=generator)
 
@@ -407,6 +406,9 @@ def save_checkpoint(path, state):
         raise
 
 
+_DROP = object()
+
+
 def _plain(value):
     """`value` with every entry the safe loader (torch.load weights_only=True) would refuse left out:
     some PyTorch versions put functions in scheduler state dicts (OneCycleLR's anneal_func), which the
@@ -420,7 +422,9 @@ def _plain(value):
     return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else _DROP
 
 
-_DROP = object()
+def _seed_from(*numbers):
+    """A well-mixed 32-bit seed from non-negative integers, e.g. (seed, rank, step)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 def _rng_state(device):
@@ -453,7 +457,7 @@ def _set_rng_state(states, rank, step, seed, device):
     states of every visible device): it is rank 0's."""
     states = [states] if isinstance(states, dict) else list(states or [])
     if rank >= len(states):
-        s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+        s = _seed_from(seed, rank, step)
         torch.manual_seed(s)  # CPU and every GPU
         np.random.seed(s)
         random.seed(s)
