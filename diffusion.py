@@ -294,11 +294,11 @@ def make_denoiser(num_classes, size='small', image_size=64):
                 pos_channels=0, num_classes=int(num_classes))
 
 
-def load_denoiser(path, device='cpu'):
+def load_denoiser(path, device='cpu', trust=False):
     """A trained f_rgbd from a train.py --stage rgbd checkpoint ({'denoiser_config': dict(num_classes,
-    size, image_size), 'model': state_dict, ...}), in eval mode on `device`."""
+    size, image_size), 'model': state_dict, ...}), in eval mode on `device`. trust: see model.load_checkpoint."""
     from model import load_checkpoint
-    ckpt = load_checkpoint(path)  # one-line errors for a missing or unreadable file
+    ckpt = load_checkpoint(path, trust=trust)  # safe unless trusted; one-line errors for a bad file
     if not isinstance(ckpt, dict) or 'denoiser_config' not in ckpt or 'model' not in ckpt:
         raise ValueError(f"{path} is not an f_rgbd checkpoint (train.py --stage rgbd): it has no "
                          f"'denoiser_config' / 'model' entries")

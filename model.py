@@ -3,6 +3,9 @@ G3DR model: the triplane field (multi-resolution sampler + decoder f_dec) and th
 ties f_trigen (unet.UNet: one RGB-D image -> a triplane), f_dec and the renderer together.
 """
 import math
+import pickle
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -265,20 +268,46 @@ MODEL_PRESETS = {
 }
 
 
-def load_checkpoint(path):
-    """torch.load a checkpoint onto the CPU, turning every failure into a one-line error."""
+class UnsafeCheckpointError(ValueError):
+    """The safe loader (torch.load weights_only=True) refused a checkpoint: loading it fully would
+    run code stored in the file."""
+
+
+def _first_line(e):
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
+def load_checkpoint(path, trust=False):
+    """torch.load a checkpoint onto the CPU, turning every failure into a one-line error.
+
+    Safe by default: only tensors and plain Python values are unpickled (weights_only=True), so a
+    file cannot run code. A file that needs more is refused with UnsafeCheckpointError, unless
+    trust=True (--trust_checkpoint), which loads it fully after a one-line warning."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
-    for weights_only in (True, False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=weights_only)
-        except Exception as e:
-            # Training checkpoints (the authors' and ours) also pickle optimiser, scheduler or numpy RNG
-            # state, which the safe loader refuses: only then unpickle fully (load only trusted files).
-            if not (weights_only and str(e).startswith("Weights only load failed")):
-                raise ValueError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: "
-                                 f"{(str(e).splitlines() or [''])[0]})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not str(e).startswith("Weights only load failed"):
+            raise ValueError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+        # torch's explanation is a paragraph; the line after "WeightsUnpickler error:" says what was refused
+        detail = str(e).partition("WeightsUnpickler error:")[2]
+        why = next((l.strip() for l in detail.splitlines() if l.strip()), "unknown content")
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", why)  # a function or class to import
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    if not trust:
+        what = (f"refused: it needs {refused[1]}, which the safe loader does not allow" if refused else
+                f"not a PyTorch checkpoint, or one the safe loader cannot read ({why.split(' Please', 1)[0]})")
+        raise UnsafeCheckpointError(f"{path}: {what}; loading it fully runs code stored in the file: only if you "
+                                    f"trust its source, pass --trust_checkpoint (trust=True in Python)")
+    print(f"warning: {path}: --trust_checkpoint: loading it fully, which runs any code stored in the file",
+          file=sys.stderr, flush=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
 
 
 def _infer_official_config(sd, source):
@@ -399,10 +428,11 @@ class G3DR(nn.Module):
         self.load_state_dict({to_ours(k): v for k, v in state_dict.items()})
 
     @classmethod
-    def from_official(cls, path, **overrides):
+    def from_official(cls, path, trust=False, **overrides):
         """Load the authors' checkpoint ({'step', 'model', ...}, keys prefixed 'module.'). Sizes come
-        from the checkpoint; overrides set the rest (levels, projection) or force a size."""
-        ckpt = load_checkpoint(path)
+        from the checkpoint; overrides set the rest (levels, projection) or force a size. trust: see
+        load_checkpoint (a plain state dict needs none)."""
+        ckpt = load_checkpoint(path, trust=trust)
         sd = ckpt.get("model") if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
             found = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -415,12 +445,13 @@ class G3DR(nn.Module):
         return model
 
     @classmethod
-    def from_checkpoint(cls, path_or_dict):
-        """Rebuild a model from our checkpoint {'model_config': dict, 'model': state_dict, ...}."""
+    def from_checkpoint(cls, path_or_dict, trust=False):
+        """Rebuild a model from our checkpoint {'model_config': dict, 'model': state_dict, ...}.
+        trust: see load_checkpoint (our own checkpoints need none)."""
         if isinstance(path_or_dict, dict):
             ckpt, source = path_or_dict, "checkpoint dict"
         else:
-            ckpt, source = load_checkpoint(path_or_dict), path_or_dict
+            ckpt, source = load_checkpoint(path_or_dict, trust=trust), path_or_dict
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) \
                 or not isinstance(ckpt.get("model"), dict):
             hint = ""

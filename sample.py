@@ -28,6 +28,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', default='out/ckpt.pt', help='f_trigen checkpoint (ours; the authors\' with --official)')
     p.add_argument('--official', action='store_true', help='--ckpt is in the authors\' release format')
+    p.add_argument('--trust_checkpoint', action='store_true', help='load checkpoints the safe loader refuses with '
+                   'full unpickling, which runs code stored in the file: only for files from a source you trust')
     p.add_argument('--input', default='', help='an image or a folder of images (default: held-out synthetic scenes)')
     p.add_argument('--depth', default='', help='depth PNG (or folder) in the authors\' encoding; default: '
                    'NAME_depth.png beside each image, else estimated with MiDaS (see data.py make_depth)')
@@ -59,13 +61,13 @@ def parse_args(argv):
 HELDOUT_SEED = 1338  # train.py's default seed + 1: scenes the default training run never saw
 
 
-def load_model(path, official, device):
+def load_model(path, official, device, trust=False):
     """(model in eval mode, the training config stored with it, {} for the authors' checkpoints)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path} (train one with `python train.py`, or pass --ckpt PATH)")
     if official:
-        return G3DR.from_official(path).to(device).eval(), {}
-    ckpt = load_checkpoint(path)
+        return G3DR.from_official(path, trust=trust).to(device).eval(), {}
+    ckpt = load_checkpoint(path, trust=trust)
     return G3DR.from_checkpoint(ckpt).to(device).eval(), ckpt.get('config', {})
 
 
@@ -169,7 +171,7 @@ def evaluate_generation(args, device, seed):
     """f_rgbd: `per_class` samples of every class against held-out synthetic scenes: non-flatness of
     the generated depth, nearest-neighbour distances in a fixed feature space, and FID when asked."""
     import diffusion
-    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device)
+    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device, trust=args.trust_checkpoint)
     num_classes, size = denoiser.num_classes, denoiser.image_size
     labels = torch.arange(num_classes, device=device).repeat_interleave(args.per_class)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -207,7 +209,7 @@ def print_table(rows):
 @torch.no_grad()
 def generate(args, device, out_dir):
     import diffusion
-    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device)
+    denoiser = diffusion.load_denoiser(args.rgbd_ckpt, device, trust=args.trust_checkpoint)
     labels = torch.full((args.num,), args.class_id, device=device, dtype=torch.long)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     size = denoiser.image_size
@@ -218,7 +220,7 @@ def generate(args, device, out_dir):
     data.save_grid(grid, os.path.join(out_dir, f"class{args.class_id}_rgbd.png"), nrow=2)
     print(f"wrote {os.path.join(out_dir, f'class{args.class_id}_rgbd.png')}")
     if os.path.isfile(args.ckpt):
-        model, _ = load_model(args.ckpt, args.official, device)
+        model, _ = load_model(args.ckpt, args.official, device, trust=args.trust_checkpoint)
         size = model.config['image_size']
         if image.shape[-1] != size:  # f_trigen takes its own training size
             image = F.interpolate(image, size=size, mode='bilinear', antialias=True, align_corners=False)
@@ -246,7 +248,7 @@ def main(argv):
         print_table(metrics)
         write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'eval.json'))
         return
-    model, train_config = load_model(args.ckpt, args.official, device)
+    model, train_config = load_model(args.ckpt, args.official, device, trust=args.trust_checkpoint)
     out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'samples')
     image_size = model.config['image_size']
     # held-out scenes: a seed the training run never used (train.py shows these in its grids)

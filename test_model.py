@@ -2,6 +2,7 @@
 paper architecture, our checkpoints, bad input, and an end-to-end encode + render with gradients."""
 import collections
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import G3DR, MODEL_PRESETS, UNet
+import model as model_module
+from model import G3DR, MODEL_PRESETS, UNet, UnsafeCheckpointError, load_checkpoint
 from render import get_rays, orbit_camera
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # made with the authors' code: fixtures/README.md
@@ -160,10 +162,15 @@ def test_our_checkpoint_rebuilds_the_model(tmp_path):
     torch.manual_seed(0)
     model = G3DR(dim=16, dim_mults=(1, 2), image_size=16, plane_channels=8, pos_channels=8, projection="yz")
     path = tmp_path / "ours.pt"
-    # a training checkpoint also holds numpy RNG state, which torch's safe loader refuses
-    torch.save({**model.checkpoint(), "step": 3, "rng": np.random.get_state()}, path)
-    for source in (path, model.checkpoint()):
-        loaded = G3DR.from_checkpoint(source)
+    torch.save({**model.checkpoint(), "step": 3}, path)
+    # checkpoints written before the safe format held numpy RNG state, which the safe loader refuses:
+    # they load when trusted
+    older = tmp_path / "older.pt"
+    torch.save({**model.checkpoint(), "step": 3, "rng": np.random.get_state()}, older)
+    with pytest.raises(UnsafeCheckpointError, match=r"older.pt: refused.*numpy.*--trust_checkpoint"):
+        G3DR.from_checkpoint(older)
+    for source, trust in ((path, False), (older, True), (model.checkpoint(), False)):
+        loaded = G3DR.from_checkpoint(source, trust=trust)
         assert loaded.config == model.config
         for k, v in model.state_dict().items():
             assert torch.equal(loaded.state_dict()[k], v), k
@@ -172,6 +179,55 @@ def test_our_checkpoint_rebuilds_the_model(tmp_path):
     _raises(ValueError, ["mis-shaped", "unet.init_conv.weight (16, 12, 7, 7) vs (24, 12, 7, 7)"], G3DR.from_checkpoint, bad)
     bad["model_config"] = {**model.config, "depth": 3}
     _raises(ValueError, ["model_config", "['depth']"], G3DR.from_checkpoint, bad)
+
+
+def write_malicious_checkpoint(path, marker):
+    """A .pt file that, when fully unpickled, creates the file `marker` and writes 'payload ran' to
+    stderr (the way a hostile checkpoint would run code), wrapped as a plausible checkpoint."""
+    class CreatesFile:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    class Announces:
+        def __reduce__(self):
+            return os.write, (2, b"payload ran\n")
+    torch.save({"model_config": dict(MODEL_PRESETS["tiny"]), "model": {"w": CreatesFile()},
+                "note": Announces(), "step": 0}, path)
+    return path
+
+
+def test_malicious_checkpoint_is_refused_unless_trusted(tmp_path, monkeypatch, capsys):
+    import diffusion
+    marker = tmp_path / "created_by_payload"
+    evil = write_malicious_checkpoint(tmp_path / "evil.pt", marker)
+    loaders = [load_checkpoint, G3DR.from_checkpoint, G3DR.from_official, diffusion.load_denoiser]
+    for load in loaders:
+        with pytest.raises(UnsafeCheckpointError) as err:
+            load(evil)
+        msg = str(err.value)
+        assert "\n" not in msg and "evil.pt" in msg and "--trust_checkpoint" in msg and "io.open" in msg
+    assert not marker.exists()  # the payload never ran
+    assert capsys.readouterr().err == ""
+
+    # trusted: the warning comes first, then the full unpickling (which runs the payload)
+    real_load, order = torch.load, []
+
+    def recording_load(*args, **kwargs):
+        if not kwargs.get("weights_only", True):
+            order.append("warning" in capsys.readouterr().err)
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(model_module.torch, "load", recording_load)
+    ckpt = load_checkpoint(evil, trust=True)
+    ckpt["model"]["w"].close()
+    assert order == [True] and marker.exists()
+
+
+def test_trust_does_not_warn_for_safe_files(tmp_path, capsys):
+    model = G3DR(**MODEL_PRESETS["tiny"])
+    torch.save(model.checkpoint(), tmp_path / "ours.pt")
+    G3DR.from_checkpoint(tmp_path / "ours.pt", trust=True)
+    G3DR.from_official(FIXTURES / "official_tiny_ckpt.pt", trust=True)
+    assert capsys.readouterr().err == ""
 
 
 # --- the UNet as f_rgbd denoiser, and input checks ----------------------------------------------

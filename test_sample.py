@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from model import G3DR, MODEL_PRESETS
+from test_model import write_malicious_checkpoint
 
 REPO = Path(__file__).resolve().parent
 SAMPLES = REPO / 'fixtures' / 'imagenet_samples'
@@ -183,6 +184,30 @@ def test_not_a_checkpoint(tmp_path):
     assert_one_line_error(r, str(bogus))
     r = run('sample.py', '--ckpt', tmp_path / 'missing.pt')
     assert_one_line_error(r, 'missing.pt')
+
+
+def test_malicious_checkpoint_is_refused_and_runs_only_when_trusted(tmp_path, rgbd_ckpt):
+    marker = tmp_path / 'created_by_payload'
+    evil = write_malicious_checkpoint(tmp_path / 'evil.pt', marker)
+    for args in (['--ckpt', evil], ['--ckpt', evil, '--official'],
+                 ['--class_id', 0, '--num', 1, '--steps', 1, '--rgbd_ckpt', evil, '--out_dir', tmp_path / 'out']):
+        r = run('sample.py', *args)
+        assert_one_line_error(r, str(evil), '--trust_checkpoint')
+        assert not marker.exists()  # the payload never ran
+    # f_trigen after generating with f_rgbd (the sampler's progress bars come first)
+    r = run('sample.py', '--class_id', 0, '--num', 1, '--steps', 1, '--rgbd_ckpt', rgbd_ckpt, '--ckpt', evil,
+            '--out_dir', tmp_path / 'out')
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith('error: ') and str(evil) in last and '--trust_checkpoint' in last
+    assert not marker.exists()
+    # trusted: a one-line warning, then the file is unpickled (the payload runs), then its weights are
+    # rejected as not fitting the model
+    r = run('sample.py', '--ckpt', evil, '--trust_checkpoint')
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 3, r.stderr
+    assert lines[0].startswith('warning: ') and str(evil) in lines[0] and 'runs any code' in lines[0]
+    assert lines[1] == 'payload ran' and marker.exists()
+    assert lines[2].startswith('error: ') and 'does not fit' in lines[2]
 
 
 # -----------------------------------------------------------------------------

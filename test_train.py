@@ -9,10 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import random
+import shutil
 import torch
 
 import train
+from model import UnsafeCheckpointError
+from test_model import write_malicious_checkpoint
 
 REPO = Path(__file__).resolve().parent
 # A tiny model and tiny renders so a real run takes seconds on a 2-core CPU.
@@ -146,6 +151,74 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['ckpt.pt']  # and no temporary file is left behind
 
 
+def _draw():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_is_per_rank_and_round_trips_through_the_safe_loader(tmp_path):
+    states = []
+    for rank in range(2):
+        torch.manual_seed(10 + rank), np.random.seed(10 + rank), random.seed(10 + rank)
+        np.random.randn()  # leaves a cached gaussian in numpy's state
+        states.append(train._rng_state('cpu'))
+    expected = _draw()   # what rank 1 draws next
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'rng': states})
+    saved = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['rng']
+    train._set_rng_state(saved, rank=1, step=5, seed=3, device='cpu')
+    assert _draw() == expected
+    train._set_rng_state(saved, rank=0, step=5, seed=3, device='cpu')
+    assert _draw() != expected
+    # a rank the saved run did not have: seeded from (seed, rank, step), distinct per rank
+    draws = {}
+    for rank, step in ((2, 5), (2, 5), (3, 5), (2, 6)):
+        train._set_rng_state(saved, rank=rank, step=step, seed=3, device='cpu')
+        draws.setdefault((rank, step), []).append(_draw())
+    assert draws[(2, 5)][0] == draws[(2, 5)][1]
+    assert len({str(d[0]) for d in draws.values()}) == 3
+    # a checkpoint written before per-rank states: one dict with numpy and python state as tuples
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    older = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    expected = _draw()
+    train._set_rng_state(older, rank=0, step=5, seed=3, device='cpu')
+    assert _draw() == expected
+
+
+def test_scheduler_state_keeps_only_what_the_safe_loader_reads(tmp_path):
+    def make():
+        opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10, pct_start=0.2,
+                                                   cycle_momentum=False)
+    sched = make()
+    for _ in range(3):
+        sched.optimizer.step(), sched.step()
+    state = sched.state_dict()
+    state['anneal_func'] = sched.state_dict  # what some PyTorch versions store: a bound method
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'scheduler': train._plain(state)})
+    plain = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['scheduler']
+    assert 'anneal_func' not in plain and plain['total_steps'] == 10
+    resumed = make()
+    resumed.load_state_dict(plain)
+    for _ in range(5):
+        sched.optimizer.step(), sched.step(), resumed.optimizer.step(), resumed.step()
+        assert resumed.get_last_lr() == sched.get_last_lr()
+
+
+def test_init_from_a_malicious_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / 'created_by_payload'
+    evil = write_malicious_checkpoint(tmp_path / 'evil.pt', marker)
+    r = run_train([*TINY, '--out_dir', str(tmp_path / 'run'), '--max_steps', '2', '--init_from', str(evil)])
+    err = r.stderr.strip()
+    assert r.returncode == 1 and err.count('\n') == 0 and err.startswith('error: '), err
+    assert str(evil) in err and '--trust_checkpoint' in err
+    assert not marker.exists()
+    # trusted: the warning comes before the payload runs
+    r = run_train([*TINY, '--out_dir', str(tmp_path / 'run'), '--max_steps', '2', '--init_from', str(evil),
+                   '--trust_checkpoint'])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines[0].startswith('warning: ') and str(evil) in lines[0], r.stderr
+    assert lines[1] == 'payload ran' and marker.exists()
+
+
 # -----------------------------------------------------------------------------
 # real runs (tiny model, synthetic scenes)
 
@@ -159,7 +232,7 @@ def test_training_lowers_the_loss(tmp_path):
     assert len(losses) == 40 and all(math.isfinite(l) for l in losses)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.7 * first, (first, last)
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 40 and ckpt['model_config']['image_size'] == 32
     assert (out / 'samples_0000040.png').exists()
     # a second run into the same folder would clobber the first: refused
@@ -175,19 +248,19 @@ def test_resume_after_sigkill(tmp_path):
     ckpt_path = out / 'ckpt.pt'
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt_path.exists() and torch.load(ckpt_path, weights_only=False)['step'] >= 9:
+        if ckpt_path.exists() and torch.load(ckpt_path, weights_only=True)['step'] >= 9:
             break
         time.sleep(0.2)
     assert proc.poll() is None, proc.stderr.read()[-2000:]
     time.sleep(0.3)  # let it get somewhere in the middle of a step or a save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved = torch.load(ckpt_path, weights_only=False)   # loads: never half-written
+    saved = torch.load(ckpt_path, weights_only=True)   # loads: never half-written
     killed_at = saved['step']
     assert killed_at >= 9 and killed_at % 3 == 0
     r = run_train(['--resume', '--out_dir', str(out), '--max_steps', str(killed_at + 6)])
     assert r.returncode == 0, r.stderr[-2000:]
-    final = torch.load(ckpt_path, weights_only=False)
+    final = torch.load(ckpt_path, weights_only=True)
     assert final['step'] == killed_at + 6
     steps = [m['step'] for m in read_metrics(out)]
     assert steps == list(range(1, killed_at + 7))  # no gap, no duplicate after the resume
@@ -223,7 +296,10 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path):
     result = json.loads((tmp_path / 'run.json').read_text())
     assert result['max_diff'] == 0.0      # identical weights on both ranks
     assert result['moved'] > 0            # ... and they did train
-    assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == 4
+    saved = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert saved['step'] == 4
+    # each process saved its own RNG state (seeded seed + rank at start, so they differ)
+    assert len(saved['rng']) == 2 and not torch.equal(saved['rng'][0]['torch'], saved['rng'][1]['torch'])
 
 
 @pytest.mark.parametrize('policy', ['skip', 'stop'])
@@ -242,5 +318,47 @@ def test_nonfinite_loss_never_reaches_the_weights(tmp_path, monkeypatch, policy)
         return
     model = train.main(argv)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    saved = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=False)
+    saved = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert saved['step'] == 3 and all(torch.isfinite(v).all() for v in saved['model'].values())
+
+
+def test_rgbd_checkpoint_is_safe_and_resumes_exactly_also_from_the_older_format(tmp_path, monkeypatch):
+    """An f_rgbd run interrupted after its step-2 save, then resumed, ends with the weights of the
+    uninterrupted run (the diffusion noise comes from the restored RNG state): from our checkpoint
+    as it is, and from one in the layout written before (numpy RNG state pickled), with trust."""
+    import diffusion
+    monkeypatch.setattr(train, 'rgbd_grid', lambda *a, **k: None)  # the pictures are not what is tested here
+    args = ['--stage', 'rgbd', '--image_size', '16', '--batch_size', '4', '--num_scenes', '32', '--max_steps', '4',
+            '--save_every', '2', '--sample_every', '1000', '--log_every', '1']
+    full = train.main([*args, '--out_dir', str(tmp_path / 'full')])
+    saved = torch.load(tmp_path / 'full' / 'ckpt.pt', weights_only=True)
+    assert saved['step'] == 4 and len(saved['rng']) == 1
+    assert diffusion.load_denoiser(tmp_path / 'full' / 'ckpt.pt').num_classes == saved['denoiser_config']['num_classes']
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state['step'] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'save_checkpoint', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*args, '--out_dir', str(tmp_path / 'ours')])
+    monkeypatch.setattr(train, 'save_checkpoint', real_save)
+    shutil.copytree(tmp_path / 'ours', tmp_path / 'older')
+    older = torch.load(tmp_path / 'older' / 'ckpt.pt', weights_only=True)
+    s = older['rng'][0]
+    np.random.seed(0)  # any numpy state object: the real values go in below
+    numpy_state = ('MT19937', s['numpy']['key'].numpy().astype(np.uint32), s['numpy']['pos'],
+                   s['numpy']['has_gauss'], s['numpy']['cached_gaussian'])
+    older['rng'] = dict(torch=s['torch'], numpy=numpy_state, python=tuple(s['python']))
+    torch.save(older, tmp_path / 'older' / 'ckpt.pt')
+
+    resumed = train.main(['--resume', '--out_dir', str(tmp_path / 'ours')])
+    with pytest.raises(UnsafeCheckpointError, match=r'older/ckpt.pt: refused.*--trust_checkpoint'):
+        train.main(['--resume', '--out_dir', str(tmp_path / 'older')])
+    resumed_older = train.main(['--resume', '--out_dir', str(tmp_path / 'older'), '--trust_checkpoint'])
+    assert torch.load(tmp_path / 'older' / 'ckpt.pt', weights_only=True)['step'] == 4  # rewritten safe
+    for model in (resumed, resumed_older):
+        for (k, a), b in zip(full.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), k

@@ -40,6 +40,7 @@ config = dict(
     init_from='',            # optional: start from a checkpoint (ours, or the authors' with init_official)
     init_official=False,     # init_from is in the authors' format
     resume=False,            # continue the run saved in out_dir/ckpt.pt
+    trust_checkpoint=False,  # load init_from / resume files the safe loader refuses: runs code stored in them
     seed=1337,
     # model
     model_size=None,         # 'small' or 'paper' (see model.MODEL_PRESETS)
@@ -269,8 +270,11 @@ class StepBatchSampler:
 def make_loader(dataset, cfg, rank, world_size, start_step):
     sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
                                start_step, cfg['max_steps'])
+    # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
+    # resumed run has just restored from the checkpoint and must continue exactly.
+    generator = torch.Generator().manual_seed(_seed_from(cfg['seed'], rank, start_step))
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 def make_dataset(cfg):
@@ -394,19 +398,76 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))  # a temporary PATH.tmp-PID, renamed into place
 
 
-def _rng_state():
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+_DROP = object()
+
+
+def _plain(value):
+    """`value` with every entry the safe loader (torch.load weights_only=True) would refuse left out:
+    some PyTorch versions put functions in scheduler state dicts (OneCycleLR's anneal_func), which the
+    scheduler rebuilds from its constructor arguments anyway."""
+    if isinstance(value, dict):
+        items = {k: _plain(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _DROP}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _DROP if _DROP in items else type(value)(items)
+    return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else _DROP
+
+
+def _seed_from(*numbers):
+    """A well-mixed 32-bit seed from non-negative integers, e.g. (seed, rank, step)."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+def _rng_state(device):
+    """This process's RNG state as tensors and plain lists (safe to load): CPU, numpy, python, and
+    its own GPU's when it runs on one."""
+    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = dict(torch=torch.get_rng_state(),
+                 numpy=dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
+                            cached_gaussian=float(cached_gaussian)),
+                 python=[version, list(internal), gauss])
+    if str(device).startswith('cuda'):
+        state['cuda'] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state):
+def _rng_states(device, world_size):
+    """Every process's _rng_state, indexed by rank (a collective: every process calls it)."""
+    if world_size == 1:
+        return [_rng_state(device)]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, _rng_state(device))
+    return states
+
+
+def _set_rng_state(states, rank, step, seed, device):
+    """Restore this process's RNG state from a checkpoint's per-rank list. A rank the saved run did not
+    have (resumed on more processes) seeds from (seed, rank, step) instead: deterministic, and distinct
+    per rank. Checkpoints from before per-rank states hold one dict (numpy state as a tuple, the GPU
+    states of every visible device): it is rank 0's."""
+    states = [states] if isinstance(states, dict) else list(states or [])
+    if rank >= len(states):
+        s = _seed_from(seed, rank, step)
+        torch.manual_seed(s)  # CPU and every GPU
+        np.random.seed(s)
+        random.seed(s)
+        return
+    state = states[rank]
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    n = state['numpy']
+    np.random.set_state(n if isinstance(n, tuple) else
+                        ('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    cuda = state.get('cuda')
+    if str(device).startswith('cuda') and cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # the older layout: one state per visible GPU
+            index = torch.device(device).index or 0
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def _trim_metrics(path, last_step):
@@ -463,7 +524,8 @@ def build_model(cfg):
         return model, model
     from model import G3DR, MODEL_PRESETS
     if cfg['init_from']:
-        model = G3DR.from_official(cfg['init_from']) if cfg['init_official'] else G3DR.from_checkpoint(cfg['init_from'])
+        load = G3DR.from_official if cfg['init_official'] else G3DR.from_checkpoint
+        model = load(cfg['init_from'], trust=cfg['trust_checkpoint'])
     else:
         model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection']))
     return model, _EncodeRender(model)
@@ -505,9 +567,10 @@ def main(argv):
     if cfg['resume']:
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path)
-        # the run's own config, with this command line's overrides on top
-        cfg = parse_config(argv, base=dict(config, **ckpt['config']))
+        ckpt = load_checkpoint(ckpt_path, trust=cfg['trust_checkpoint'])
+        # the run's own config, with this command line's overrides on top (trust is never inherited)
+        saved = {k: v for k, v in ckpt['config'].items() if k != 'trust_checkpoint'}
+        cfg = parse_config(argv, base=dict(config, **saved))
         if ckpt.get('stage', 'trigen') != cfg['stage']:
             raise ConfigError(f"{ckpt_path} is a --stage {ckpt.get('stage')} checkpoint, not --stage {cfg['stage']}")
         if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
@@ -546,7 +609,7 @@ def main(argv):
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_step = ckpt['step']
-        _set_rng_state(ckpt['rng'])
+        _set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
     if cfg['compile']:
         if cfg['stage'] == 'trigen':
             model.encode = torch.compile(model.encode)
@@ -582,8 +645,13 @@ def main(argv):
     shown_batch = torch.utils.data.default_collate([shown[i] for i in range(min(4, len(shown)))])
 
     def save(step):
+        """Called by every process: each contributes its own RNG state; rank 0 writes. Everything in the
+        file is tensors and plain Python values, so torch.load(..., weights_only=True) reads it."""
+        rng = _rng_states(device, world_size)
+        if rank != 0:
+            return
         state = dict(stage=cfg['stage'], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=scheduler.state_dict(), step=step, config=cfg, rng=_rng_state())
+                     scheduler=_plain(scheduler.state_dict()), step=step, config=cfg, rng=rng)
         if cfg['stage'] == 'trigen':
             state['model_config'] = model.config
         else:
@@ -639,8 +707,8 @@ def main(argv):
                     trigen_grid(model, shown_batch, cfg, device, path)
                 else:
                     rgbd_grid(model, dataset.num_classes, cfg, device, path)
-            if done % cfg['save_every'] == 0 or done == cfg['max_steps']:
-                save(done)
+        if done % cfg['save_every'] == 0 or done == cfg['max_steps']:
+            save(done)
     pbar.close()
     if world_size > 1:
         torch.distributed.barrier()
