@@ -422,7 +422,8 @@ def export(model, items, out_dir, args, device='cpu'):
         planes = model.encode(torch.cat([image * 2 - 1, depth], 1).to(device))
         field = scene_field(model, planes)
         if args.mesh:
-            mesh = extract_mesh(field, args.mesh_res, args.mesh_level, device)
+            grid = triplane_density_grid(model, planes, args.mesh_res)
+            mesh = extract_mesh(field, args.mesh_res, args.mesh_level, grid, device)
             path = os.path.join(out_dir, f"{name}.ply")
             save_ply(path, mesh['vertices'], mesh['colors'], mesh['faces'])
             how = 'automatic: median density where the canonical transmittance is 1/2' \
@@ -448,7 +449,8 @@ def evaluate(model, args, seed, image_size, device='cpu'):
         item = scenes[k]
         start = time.perf_counter()
         planes = model.encode(torch.cat([item['image'][None] * 2 - 1, item['depth'][None]], 1).to(device))
-        mesh = extract_mesh(scene_field(model, planes), args.mesh_res, args.mesh_level, device, progress=False)
+        grid = triplane_density_grid(model, planes, args.mesh_res, progress=False)
+        mesh = extract_mesh(scene_field(model, planes), args.mesh_res, args.mesh_level, grid, device)
         seconds = time.perf_counter() - start
         completeness, precision = mesh_accuracy(mesh['vertices'], mesh['faces'], scenes, k)
         rows.append(dict(scene=k, completeness=completeness, precision=precision, level=mesh['level'],
