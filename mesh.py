@@ -156,7 +156,8 @@ def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
     B(x, z) + C(y, z), and for any such sum, with 0 any fixed grid index,
         f(i, j, k) = f(i, j, 0) + [f(i, 0, k) - f(i, 0, 0)] + [f(0, j, k) - f(0, j, 0) - f(0, 0, k) + f(0, 0, 0)],
     so three res^2 tables of features give all res^3 of them. f_dec's first layer is linear and can be
-    applied to the tables, so what is left per grid point is two additions, a softplus and a 64 -> 4 layer."""
+    applied to the tables, so what is left per grid point is two additions (in place: the memory traffic is
+    the cost), a softplus and a 64 -> 4 layer."""
     first, rest = model.decoder.net[0], model.decoder.net[1:]  # README §3: f_dec = FC, softplus, FC
     levels, projection = model.config['levels'], model.config['projection']
     pyramid = triplane_pyramid(planes.float(), levels)
@@ -176,9 +177,11 @@ def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
     h_yz = (first(c_yz.flatten(0, 1)) - zero).view(resolution, resolution, -1)
     grid = np.empty((resolution,) * 3, dtype=np.float32)
     slabs = max(1, CHUNK // resolution ** 2)
+    buffer = h_xy.new_empty(min(slabs, resolution), resolution, resolution, h_xy.shape[-1])
     for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
-        h = h_xy[i:i + slabs, :, None] + h_xz[i:i + slabs, None] + h_yz  # (n, res, res, hidden) = first(f)
-        grid[i:i + len(h)] = rest(h.view(-1, h.shape[-1]))[:, 0].view(h.shape[:3]).cpu().numpy()  # raw density
+        n = min(slabs, resolution - i)
+        h = torch.add(h_xy[i:i + n, :, None], h_xz[i:i + n, None], out=buffer[:n]).add_(h_yz)  # (n, res, res, hidden)
+        grid[i:i + n] = rest(h.view(-1, h.shape[-1]))[:, 0].view(n, resolution, resolution).cpu().numpy()  # raw density
     return grid
 
 
