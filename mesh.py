@@ -102,11 +102,14 @@ def _render_canonical(field, resolution, n_coarse, n_fine, device):
 
 @torch.no_grad()
 def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
-    """The iso-level rule: render the canonical view (deterministic samples); on every ray that becomes
-    more than half opaque, find the point where its transmittance falls to 1/2 (the median of the ray's
-    termination distance), and take the field's density sigma there. The level is the median of these
-    densities over the rays. The mesh then passes where the rendered surfaces are, and the faint density
-    in front of them, which the renders see through, stays out. Returns (level, number of rays used)."""
+    """The iso-level rule. Render the canonical view (deterministic samples). On every ray that becomes
+    more than half opaque, find t_half, where its transmittance falls to 1/2 (the median of where the ray
+    stops), and the field's density sigma there. Candidate levels are the 5%, 10%, .., 95% quantiles of
+    these densities; the level is the candidate whose first crossings along the rays (the first interval
+    whose density reaches it) lie nearest t_half, in median absolute distance over the rays. One level
+    for the whole scene, so it must suit sharp surfaces (a wall) and soft ones (a young object) at once;
+    the faint density in front of surfaces, which renders see through, stays below it.
+    Returns (level, number of rays used)."""
     rays_o, rays_d, out = _render_canonical(field, resolution, n_coarse, n_fine, device)
     w, t = out['weights'][0], out['t'][0]                   # (R, K) interval weights, (R, K + 1) their edges
     acc = w.cumsum(-1)                                      # opacity at the end of each interval
@@ -115,14 +118,22 @@ def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
         raise ValueError("the canonical view is nowhere more than half opaque, so no iso-level can be chosen: "
                          "pass --mesh_level")
     w, t, acc, rays_o, rays_d = w[opaque], t[opaque], acc[opaque], rays_o[opaque], rays_d[opaque]
-    i = (acc < 0.5).sum(-1, keepdim=True)                   # (R, 1) the interval where it crosses 1/2
-    trans = 1 - (acc - w).gather(1, i)                      # transmittance entering that interval
-    alpha = (w.gather(1, i) / trans).clamp(max=1 - 1e-7)
-    # inside an interval sigma is constant, T(s) = trans exp(-sigma s): T = 1/2 at this fraction of it
-    frac = (torch.log(2 * trans) / -torch.log1p(-alpha)).clamp(0, 1)
+    trans = (1 - (acc - w)).clamp_min(1e-10)                # transmittance entering each interval
+    alpha = (w / trans).clamp(max=1 - 1e-6)
+    delta = (t[:, 1:] - t[:, :-1]).clamp_min(1e-6)
+    sigma = -torch.log1p(-alpha) / delta                    # (R, K) each interval's density (README §3)
+    i = (acc < 0.5).sum(-1, keepdim=True)                   # (R, 1) the interval where T crosses 1/2
+    # inside an interval sigma is constant, T(s) = T_i exp(-sigma s): T = 1/2 at this fraction of it
+    frac = (torch.log(2 * trans.gather(1, i)) / -torch.log1p(-alpha.gather(1, i))).clamp(0, 1)
     t_half = t.gather(1, i) + frac * (t.gather(1, i + 1) - t.gather(1, i))  # (R, 1)
     _, raw = _query(field, rays_o + t_half * rays_d)
-    return float(sigma_from_raw(raw).median()), int(opaque.sum())
+    candidates = torch.quantile(sigma_from_raw(raw), torch.linspace(0.05, 0.95, 19))  # (L,)
+    reached = sigma[None] >= candidates[:, None, None]      # (L, R, K)
+    first = reached.float().argmax(-1)                      # (L, R) first interval at or above the level
+    t_mid = (t[:, 1:] + t[:, :-1]) / 2
+    t_cross = torch.where(reached.any(-1), t_mid.gather(1, first.t()).t(), torch.full_like(t_half[:, 0], 1e3))
+    error = (t_cross - t_half[:, 0]).abs().median(-1).values  # (L,)
+    return float(candidates[error.argmin()]), int(opaque.sum())
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +445,7 @@ def export(model, items, out_dir, args, device='cpu'):
             mesh = extract_mesh(field, args.mesh_res, args.mesh_level, grid, device)
             path = os.path.join(out_dir, f"{name}.ply")
             save_ply(path, mesh['vertices'], mesh['colors'], mesh['faces'])
-            how = 'automatic: median density where the canonical transmittance is 1/2' \
+            how = 'automatic: the density whose crossings best match where canonical rays stop' \
                 if mesh['level_rule'] == 'auto' else 'given'
             print(f"wrote {path}: {len(mesh['vertices']):,} vertices, {len(mesh['faces']):,} faces, "
                   f"{args.mesh_res}^3 grid, iso-level {mesh['level']:.4g} ({how}), "
