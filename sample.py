@@ -51,6 +51,13 @@ def parse_args(argv):
     p.add_argument('--per_class', type=int, default=4, help='--eval with f_rgbd: samples per class')
     p.add_argument('--fid_stats', default='', help='--eval with f_rgbd: reference Inception statistics (.npz with '
                    'mu, sigma) for FID; needs torchvision\'s Inception-v3 weights in the torch hub cache')
+    p.add_argument('--mesh', action='store_true', help='write a vertex-coloured mesh per input instead of pictures: '
+                   'scene_K.ply / NAME.ply (mesh.py); with --eval, its accuracy on held-out scenes -> mesh_eval.json')
+    p.add_argument('--mesh_res', default=256, help='--mesh: marching-cubes grid points per side of the box')
+    p.add_argument('--mesh_level', default='auto', help='--mesh: iso-level, a density; auto: the median density '
+                   'where the canonical view\'s transmittance falls to 1/2')
+    p.add_argument('--points', action='store_true', help='write the canonical view as a coloured point cloud '
+                   '(NAME_points.ply)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto')
     return p.parse_args(argv)
@@ -237,6 +244,9 @@ def main(argv):
     args = parse_args(argv)
     device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(args.seed)
+    if args.mesh or args.points:
+        import mesh
+        args.mesh_res, args.mesh_level = mesh.check_options(args.mesh_res, args.mesh_level)
     if args.class_id is not None:
         args.rgbd_ckpt = args.rgbd_ckpt or 'out-rgbd/ckpt.pt'
         out_dir = args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.rgbd_ckpt)), 'samples')
@@ -253,6 +263,17 @@ def main(argv):
     image_size = model.config['image_size']
     # held-out scenes: a seed the training run never used (train.py shows these in its grids)
     heldout_seed = train_config.get('seed', HELDOUT_SEED - 1) + 1
+    if args.mesh and args.eval:
+        metrics = mesh.evaluate(model, args, heldout_seed, image_size, device)
+        print_table({k: v for k, v in metrics.items() if k != 'per_scene'})
+        write_json(metrics, os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), 'mesh_eval.json'))
+        return
+    if args.mesh or args.points:
+        scenes = SyntheticScenes(args.num_scenes, image_size=image_size, seed=heldout_seed)
+        items = load_inputs(args, image_size) if args.input else \
+            ((f"scene_{k}", item['image'][None], item['depth'][None]) for k, item in enumerate(scenes))
+        mesh.export(model, items, out_dir, args, device)
+        return
     if args.eval:
         metrics = evaluate(model, args, device, heldout_seed, image_size)
         print_table(metrics)

@@ -1,0 +1,509 @@
+"""
+Meshes and point clouds from a reconstruction, in the scene's own coordinates (README §2: the box
+[-1, 1]^3, the canonical camera at (-5, 0, 0) looking along +x, +y up).
+
+    field = scene_field(model, model.encode(rgbd))              # one scene's triplane field
+    mesh = extract_mesh(field, resolution=256)                  # marching cubes at the automatic level
+    save_ply('scene.ply', mesh['vertices'], mesh['colors'], mesh['faces'])
+    points, colors = canonical_points(field, 64)                # the canonical view as 3D points
+    completeness, precision = mesh_accuracy(mesh['vertices'], mesh['faces'], scenes, index)
+
+The mesh is marching cubes (PyMCubes) over the density of the field sampled on a grid over the box, the
+grid queried a slab at a time so memory stays bounded at any resolution; vertex colours are the colour
+field at the vertices. The iso-level is automatic (`auto_level`, the rule is in its docstring) or given.
+The volume outside the box counts as empty, so every mesh is closed: what the box cuts is capped at its
+faces. `python mesh.py view scene_0.ply scene_0.png` draws a PLY with the small rasteriser below.
+"""
+import math
+import os
+import sys
+import tempfile
+import time
+
+import mcubes                          # marching cubes (C++), numpy in, numpy out
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scenes import SyntheticScenes
+from plyfile import PlyData, PlyElement
+from scipy.spatial import cKDTree      # nearest neighbours for the accuracy metrics (scipy comes with PyMCubes)
+from tqdm import tqdm
+
+from model import make_field, sample_triplane, triplane_pyramid
+from render import get_rays, orbit_camera, render_rays
+
+MESH_RES = 256            # grid points per side of the box
+CHUNK = 1 << 18           # points per field query: bounds the memory of the grid pass
+BOX_SIZE = 2.0            # the scene box [-1, 1]^3 (README §2)
+MAX_MESH_RES = 1024       # 1024^3 float32 densities are 4 GiB; beyond that, memory runs out
+CANONICAL = (math.pi / 2, math.pi / 2)  # (yaw, pitch) of the canonical camera at (-5, 0, 0)
+# the views the accuracy metrics see the scene from: (yaw, pitch) offsets from the canonical camera
+FRONT_VIEWS = [(0.0, 0.0), (-math.pi / 12, 0.0), (math.pi / 12, 0.0), (0.0, -math.pi / 18), (0.0, math.pi / 18)]
+PLY_COMMENT = "G3DR reconstruction: scene box [-1,1]^3, canonical camera at (-5,0,0) looking along +x, +y up"
+
+
+def check_options(resolution, level):
+    """--mesh_res and --mesh_level as given on the command line (strings or numbers) -> (int, float or
+    None for automatic); a ValueError naming the value otherwise."""
+    try:
+        res = int(str(resolution))
+    except ValueError:
+        res = None
+    if res is None or not 8 <= res <= MAX_MESH_RES:
+        raise ValueError(f"--mesh_res must be an integer from 8 to {MAX_MESH_RES}, got {resolution!r}")
+    if level is None or str(level) == 'auto':
+        return res, None
+    try:
+        value = float(str(level))
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--mesh_level must be a positive density (or 'auto'), got {level!r}")
+    return res, value
+
+
+# -----------------------------------------------------------------------------
+# The field of one scene and its density
+
+def scene_field(model, planes):
+    """planes (1, 3, C, H, W) of G3DR.encode -> field(points (1, M, 3)) -> (rgb (1, M, 3), raw density (1, M, 1))."""
+    assert planes.shape[0] == 1, "one scene at a time"
+    return make_field(planes.float(), model.decoder, model.config['levels'], BOX_SIZE, model.config['projection'])
+
+
+def sigma_from_raw(raw):
+    return F.softplus(raw - 1)  # README §3: sigma = softplus(raw - 1)
+
+
+def raw_from_sigma(sigma):
+    """The inverse of sigma_from_raw, stable for small and large sigma > 0."""
+    return 1 + sigma + math.log(-math.expm1(-sigma))
+
+
+def _query(field, points, chunk=CHUNK):
+    """points (N, 3) -> rgb (N, 3), raw density (N,), a chunk at a time."""
+    rgb, raw = [], []
+    for i in range(0, len(points), chunk):
+        c, d = field(points[None, i:i + chunk])
+        rgb.append(c[0])
+        raw.append(d[0, :, 0])
+    return torch.cat(rgb), torch.cat(raw)
+
+
+# -----------------------------------------------------------------------------
+# The iso-level
+
+@torch.no_grad()
+def _render_canonical(field, resolution, n_coarse, n_fine, device):
+    yaw, pitch = CANONICAL
+    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(device), 18.0, resolution)  # (1, S*S, 3)
+    out = render_rays(field, rays_o, rays_d, n_coarse=n_coarse, n_fine=n_fine, perturb=False, chunk=4096)
+    return rays_o[0], rays_d[0], out
+
+
+@torch.no_grad()
+def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
+    """The iso-level rule. Render the canonical view (deterministic samples). On every ray that becomes
+    more than half opaque, find t_half, where its transmittance falls to 1/2 (the median of where the ray
+    stops), and the field's density sigma there. Candidate levels are the 5%, 10%, .., 95% quantiles of
+    these densities; the level is the candidate whose first crossings along the rays (the first interval
+    whose density reaches it) lie nearest t_half, in median absolute distance over the rays. One level
+    for the whole scene, so it must suit sharp surfaces (a wall) and soft ones (a young object) at once;
+    the faint density in front of surfaces, which renders see through, stays below it.
+    Returns (level, number of rays used)."""
+    rays_o, rays_d, out = _render_canonical(field, resolution, n_coarse, n_fine, device)
+    w, t = out['weights'][0], out['t'][0]                   # (R, K) interval weights, (R, K + 1) their edges
+    acc = w.cumsum(-1)                                      # opacity at the end of each interval
+    opaque = acc[:, -1] > 0.5
+    if not opaque.any():
+        raise ValueError("the canonical view is nowhere more than half opaque, so no iso-level can be chosen: "
+                         "pass --mesh_level")
+    w, t, acc, rays_o, rays_d = w[opaque], t[opaque], acc[opaque], rays_o[opaque], rays_d[opaque]
+    trans = (1 - (acc - w)).clamp_min(1e-10)                # transmittance entering each interval
+    alpha = (w / trans).clamp(max=1 - 1e-6)
+    delta = (t[:, 1:] - t[:, :-1]).clamp_min(1e-6)
+    sigma = -torch.log1p(-alpha) / delta                    # (R, K) each interval's density (README §3)
+    i = (acc < 0.5).sum(-1, keepdim=True)                   # (R, 1) the interval where T crosses 1/2
+    # inside an interval sigma is constant, T(s) = T_i exp(-sigma s): T = 1/2 at this fraction of it
+    frac = (torch.log(2 * trans.gather(1, i)) / -torch.log1p(-alpha.gather(1, i))).clamp(0, 1)
+    t_half = t.gather(1, i) + frac * (t.gather(1, i + 1) - t.gather(1, i))  # (R, 1)
+    _, raw = _query(field, rays_o + t_half * rays_d)
+    candidates = torch.quantile(sigma_from_raw(raw), torch.linspace(0.05, 0.95, 19))  # (L,)
+    reached = sigma[None] >= candidates[:, None, None]      # (L, R, K)
+    first = reached.float().argmax(-1)                      # (L, R) first interval at or above the level
+    t_mid = (t[:, 1:] + t[:, :-1]) / 2
+    t_cross = torch.where(reached.any(-1), t_mid.gather(1, first.t()).t(), torch.full_like(t_half[:, 0], 1e3))
+    error = (t_cross - t_half[:, 0]).abs().median(-1).values  # (L,)
+    return float(candidates[error.argmin()]), int(opaque.sum())
+
+
+# -----------------------------------------------------------------------------
+# Marching cubes
+
+def _grid_axis(resolution, device='cpu'):
+    return torch.linspace(-BOX_SIZE / 2, BOX_SIZE / 2, resolution, device=device)
+
+
+@torch.no_grad()
+def density_grid(field, resolution=MESH_RES, device='cpu', progress=True):
+    """Raw density at the grid points (x_i, y_j, z_k) = linspace(-1, 1, resolution) of each axis ->
+    (resolution,) * 3 float32 numpy array indexed [i, j, k]. Queried a few x-slabs at a time."""
+    axis = _grid_axis(resolution, device)
+    yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
+    grid = np.empty((resolution,) * 3, dtype=np.float32)
+    slabs = max(1, CHUNK // len(yz))
+    for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
+        x = axis[i:i + slabs]
+        points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
+        _, raw = field(points[None])
+        grid[i:i + len(x)] = raw.view(len(x), resolution, resolution).cpu().numpy()
+    return grid
+
+
+@torch.no_grad()
+def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
+    """density_grid of scene_field(model, planes), fast: the same numbers (to float rounding), 5-10x sooner.
+
+    A triplane feature is a sum of terms that each depend on two coordinates, f(x, y, z) = A(x, y) +
+    B(x, z) + C(y, z), and for any such sum, with 0 any fixed grid index,
+        f(i, j, k) = f(i, j, 0) + [f(i, 0, k) - f(i, 0, 0)] + [f(0, j, k) - f(0, j, 0) - f(0, 0, k) + f(0, 0, 0)],
+    so three res^2 tables of features give all res^3 of them. f_dec's first layer is linear and can be
+    applied to the tables, so what is left per grid point is two additions (in place: the memory traffic is
+    the cost), a softplus and a 64 -> 4 layer."""
+    first, rest = model.decoder.net[0], model.decoder.net[1:]  # README §3: f_dec = FC, softplus, FC
+    levels, projection = model.config['levels'], model.config['projection']
+    pyramid = triplane_pyramid(planes.float(), levels)
+    axis = _grid_axis(resolution, planes.device)
+    a, b = (g.reshape(-1) for g in torch.meshgrid(axis, axis, indexing='ij'))  # (res^2,) each, row-major
+    edge = torch.full_like(a, axis[0].item())
+
+    def features(x, y, z):  # (res^2,) coordinates -> (res, res, C) features
+        return sample_triplane(pyramid, torch.stack([x, y, z], -1)[None], levels, BOX_SIZE, projection)[0] \
+            .view(resolution, resolution, -1)
+
+    f_xy, f_xz, f_yz = features(a, b, edge), features(a, edge, b), features(edge, a, b)  # [i, j], [i, k], [j, k]
+    zero = first(torch.zeros_like(f_xy[:1, 0]))                 # the layer's bias: first(u) - first(0) is linear
+    h_xy = first(f_xy.flatten(0, 1)).view(resolution, resolution, -1)
+    h_xz = (first((f_xz - f_xz[:, :1]).flatten(0, 1)) - zero).view(resolution, resolution, -1)
+    c_yz = f_yz - f_xy[0][:, None] - f_xz[0][None] + f_xy[0, 0]  # f(0, j, k) - f(0, j, 0) - f(0, 0, k) + f(0, 0, 0)
+    h_yz = (first(c_yz.flatten(0, 1)) - zero).view(resolution, resolution, -1)
+    grid = np.empty((resolution,) * 3, dtype=np.float32)
+    slabs = max(1, CHUNK // resolution ** 2)
+    buffer = h_xy.new_empty(min(slabs, resolution), resolution, resolution, h_xy.shape[-1])
+    for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
+        n = min(slabs, resolution - i)
+        h = torch.add(h_xy[i:i + n, :, None], h_xz[i:i + n, None], out=buffer[:n]).add_(h_yz)  # (n, res, res, hidden)
+        grid[i:i + n] = rest(h.view(-1, h.shape[-1]))[:, 0].view(n, resolution, resolution).cpu().numpy()  # raw density
+    return grid
+
+
+def _marching_cubes(grid, level_raw):
+    """Iso-surface of grid (res, res, res) at level_raw -> vertices (V, 3) in the box, faces (F, 3),
+    counter-clockwise seen from outside (towards lower density). The grid is framed by a layer far
+    below the level, so the surface closes at the box faces."""
+    res = grid.shape[0]
+    framed = np.pad(grid.astype(np.float64), 1, constant_values=level_raw - 1e4)
+    vertices, faces = mcubes.marching_cubes(framed, level_raw)
+    vertices = (vertices - 1) * (BOX_SIZE / (res - 1)) - BOX_SIZE / 2  # grid index -> scene coordinates
+    return vertices.clip(-BOX_SIZE / 2, BOX_SIZE / 2).astype(np.float32), faces.astype(np.int32)
+
+
+@torch.no_grad()
+def extract_mesh(field, resolution=MESH_RES, level=None, grid=None, device='cpu', progress=True,
+                 level_resolution=64):
+    """field of scene_field (or any field(points (1, M, 3)) -> (rgb, raw density)) -> dict with
+    vertices (V, 3) float32 in scene coordinates, faces (F, 3) int32, colors (V, 3) uint8 (the colour
+    field at the vertices), level (the density sigma of the surface) and level_rule ('auto' or 'given').
+    grid: the field's density_grid at this resolution when it is already known (triplane_density_grid)."""
+    rule = 'given'
+    if level is None:
+        level, _ = auto_level(field, level_resolution, device=device)
+        rule = 'auto'
+    if grid is None:
+        grid = density_grid(field, resolution, device, progress)
+    assert grid.shape == (resolution,) * 3, grid.shape
+    level_raw = raw_from_sigma(level)
+    if not grid.min() < level_raw < grid.max():
+        lo, hi = (float(sigma_from_raw(torch.tensor(float(v)))) for v in (grid.min(), grid.max()))
+        raise ValueError(f"no surface at density level {level:.4g}: the field's density lies in "
+                         f"[{lo:.4g}, {hi:.4g}]; pass a --mesh_level inside it")
+    vertices, faces = _marching_cubes(grid, level_raw)
+    rgb, _ = _query(field, torch.from_numpy(vertices).to(device))
+    colors = (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()
+    return dict(vertices=vertices, faces=faces, colors=colors, level=level, level_rule=rule)
+
+
+@torch.no_grad()
+def canonical_points(field, resolution, n_coarse=64, n_fine=64, device='cpu'):
+    """The canonical view as a point cloud: a point at the rendered depth of every pixel whose ray is
+    more than half opaque, coloured by the render (un-premultiplied by the opacity). Returns points
+    (N, 3) float32 and colours (N, 3) uint8, numpy, row by row from the top-left pixel."""
+    rays_o, rays_d, out = _render_canonical(field, resolution, n_coarse, n_fine, device)
+    opacity = out['opacity'][0]                                     # (R, 1)
+    keep = opacity[:, 0] > 0.5
+    points = rays_o + out['depth'][0] * rays_d                      # (R, 3)
+    rgb = ((out['rgb'][0] + 1) / 2 / opacity.clamp_min(1e-6)).clamp(0, 1)
+    return points[keep].cpu().numpy().astype(np.float32), (rgb[keep] * 255).round().byte().cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# PLY files (binary; MeshLab, Blender, Open3D and trimesh read them with their colours)
+
+def save_ply(path, vertices, colors, faces=None, comments=(PLY_COMMENT,)):
+    """vertices (V, 3), colors (V, 3) uint8, faces (F, 3) or None (a point cloud) -> binary PLY at path,
+    written to a temporary file beside it and renamed into place."""
+    vertices, colors = np.asarray(vertices), np.asarray(colors)
+    assert vertices.ndim == 2 and vertices.shape[1] == 3 and colors.shape == vertices.shape
+    vertex = np.empty(len(vertices), dtype=[('x', 'f4'), ('y', 'f4'), ('z', 'f4'),
+                                            ('red', 'u1'), ('green', 'u1'), ('blue', 'u1')])
+    for k, name in enumerate('xyz'):
+        vertex[name] = vertices[:, k]
+    for k, name in enumerate(('red', 'green', 'blue')):
+        vertex[name] = colors[:, k]
+    elements = [PlyElement.describe(vertex, 'vertex')]
+    if faces is not None:
+        face = np.empty(len(faces), dtype=[('vertex_indices', 'i4', (3,))])
+        face['vertex_indices'] = faces
+        elements.append(PlyElement.describe(face, 'face'))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            PlyData(elements, text=False, comments=list(comments)).write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_ply(path):
+    """-> vertices (V, 3) float32, colors (V, 3) uint8 or None, faces (F, 3) int64 or None."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no PLY file at {path}")
+    try:
+        ply = PlyData.read(path)
+        v = ply['vertex']
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable PLY file ({e})") from None
+    vertices = np.stack([v['x'], v['y'], v['z']], 1).astype(np.float32)
+    names = v.data.dtype.names
+    colors = np.stack([v['red'], v['green'], v['blue']], 1).astype(np.uint8) if 'red' in names else None
+    faces = None
+    if 'face' in ply and ply['face'].count:
+        faces = np.stack(ply['face']['vertex_indices']).astype(np.int64)
+    return vertices, colors, faces
+
+
+# -----------------------------------------------------------------------------
+# A small z-buffer rasteriser: mesh pictures and which vertices a camera sees
+
+def _project(vertices, yaw, pitch, resolution, fov=18.0, radius=5.0):
+    """vertices (V, 3) -> pixel (col, row) (V, 2) in the pixel grid of get_rays and depth along the
+    camera's viewing axis (V,)."""
+    cam2world = orbit_camera(yaw, pitch, radius)[0]
+    cam = (vertices - cam2world[:3, 3]) @ cam2world[:3, :3]  # world -> camera: R^T (p - origin)
+    z = -cam[:, 2]                                           # the camera looks along its -z
+    f = 1 / math.tan(math.radians(fov) / 2)
+    x, y = f * cam[:, 0] / z, f * cam[:, 1] / z              # on get_rays' image plane, [-1, 1] at the corners
+    return torch.stack([(x + 1) / 2 * (resolution - 1), (1 - y) / 2 * (resolution - 1)], -1), z
+
+
+def rasterize(vertices, faces, yaw, pitch, resolution, fov=18.0, radius=5.0, max_candidates=1 << 22):
+    """Which triangle covers each pixel centre, nearest first. vertices (V, 3), faces (F, 3) tensors.
+    Returns depth (S, S) (inf where empty), face index (S, S) (-1 where empty) and the perspective-
+    correct barycentric weights (S, S, 3). Every triangle is tested at the pixels of its bounding box,
+    triangles grouped by box size so the work stays about proportional to the covered pixels."""
+    S = resolution
+    pix, z = _project(vertices, yaw, pitch, S, fov, radius)
+    tri, tz = pix[faces], z[faces]                                          # (F, 3, 2), (F, 3)
+    lo, hi = tri.amin(1).ceil(), tri.amax(1).floor().clamp(max=S - 1)
+    lo = lo.clamp(min=0)
+    size = (hi - lo + 1).amax(1)                                            # (F,) box side in pixels
+    ok = (size >= 1) & (tz > 0).all(1) & (lo <= hi).all(1)
+    keys, depths, ids, bary = [], [], [], []
+    window = 1
+    while ok.any():
+        group = (ok & (size <= window)).nonzero()[:, 0]
+        ok &= size > window
+        off = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing='xy'), -1).view(-1, 2)
+        for part in group.split(max(1, max_candidates // window ** 2)):
+            p = lo[part, None] + off                                        # (n, w^2, 2) candidate pixels
+            a, b, c = (tri[part, None, k] for k in range(3))                # (n, 1, 2) each
+            area = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
+            def edge(u, v):  # twice the signed area of (u, v, p)
+                return (v[..., 0] - u[..., 0]) * (p[..., 1] - u[..., 1]) - (v[..., 1] - u[..., 1]) * (p[..., 0] - u[..., 0])
+            lam = torch.stack([edge(b, c), edge(c, a), edge(a, b)], -1) / area[..., None]  # (n, w^2, 3)
+            inside = (lam >= -1e-6).all(-1) & (p < S).all(-1) & (area.abs() > 1e-12)
+            inside &= (p[..., 0] <= hi[part, None, 0]) & (p[..., 1] <= hi[part, None, 1])
+            lam = lam / tz[part, None]                                      # perspective-correct: weights / z
+            depth = 1 / lam.sum(-1)
+            n, m = inside.nonzero(as_tuple=True)
+            keys.append((p[n, m, 1] * S + p[n, m, 0]).long())
+            depths.append(depth[n, m])
+            ids.append(part[n])
+            bary.append(lam[n, m] * depth[n, m, None])
+        window *= 2
+    zbuf = torch.full((S * S,), math.inf)
+    face_id = torch.full((S * S,), -1, dtype=torch.long)
+    weights = torch.zeros(S * S, 3)
+    if keys:
+        keys, depths, ids, bary = (torch.cat(v) for v in (keys, depths, ids, bary))
+        zbuf.scatter_reduce_(0, keys, depths, 'amin')
+        front = depths == zbuf[keys]                                        # ties: any of them
+        face_id[keys[front]] = ids[front]
+        weights[keys[front]] = bary[front]
+    return zbuf.view(S, S), face_id.view(S, S), weights.view(S, S, 3)
+
+
+def render_mesh(vertices, faces, colors, yaw, pitch, resolution, shade=True, background=1.0):
+    """A picture of a mesh from an orbit camera: image (3, S, S) in [0, 1], vertex colours interpolated,
+    times a Lambert term with a light over the camera's left shoulder (shade=True); colors=None draws
+    it grey. Inputs numpy or tensors."""
+    vertices, faces = torch.as_tensor(np.asarray(vertices), dtype=torch.float32), torch.as_tensor(np.asarray(faces)).long()
+    depth, face_id, w = rasterize(vertices, faces, yaw, pitch, resolution)
+    hit = face_id >= 0
+    if colors is None:
+        vc = torch.full((len(vertices), 3), 0.8)
+    else:
+        vc = torch.as_tensor(np.asarray(colors)).float() / 255
+    fid = face_id.clamp(min=0)
+    image = (vc[faces[fid]] * w[..., None]).sum(-2)                         # (S, S, 3)
+    if shade:
+        a, b, c = (vertices[faces[:, k]] for k in range(3))
+        normal = F.normalize(torch.linalg.cross(b - a, c - a, dim=-1), dim=-1)   # outward (counter-clockwise)
+        cam2world = orbit_camera(yaw, pitch)[0, :3, :3]
+        light = F.normalize(cam2world @ torch.tensor([-0.5, 0.6, 1.0]), dim=0)   # up-left of the camera
+        lambert = (normal[fid] @ light).abs()                               # two-sided
+        image = image * (0.45 + 0.55 * lambert[..., None])
+    image = torch.where(hit[..., None], image, torch.full_like(image, background))
+    return image.permute(2, 0, 1).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Accuracy against the true surfaces of the synthetic scenes
+
+def _tree(points):
+    # compact_nodes (the default) makes queries 10x+ slower on meshes with many coplanar points (the box caps)
+    return cKDTree(np.asarray(points, np.float64), balanced_tree=False, compact_nodes=False)
+
+
+def true_surface_points(scenes, index, resolution=256):
+    """Points of scene `index`'s surface visible from FRONT_VIEWS, from exact ray casting: (N, 3) numpy."""
+    points = []
+    for dyaw, dpitch in FRONT_VIEWS:
+        yaw, pitch = CANONICAL[0] + dyaw, CANONICAL[1] + dpitch
+        _, depth = scenes.render_view(index, yaw, pitch, resolution)
+        rays_o, rays_d = get_rays(orbit_camera(yaw, pitch), 18.0, resolution)
+        depth = depth.view(-1, 1)
+        points.append((rays_o[0] + depth * rays_d[0])[depth[:, 0] > 0])
+    return torch.cat(points).numpy()
+
+
+def visible_vertices(vertices, faces, resolution=256, tolerance=0.02):
+    """Mask (V,) of the vertices some view of FRONT_VIEWS sees: in the picture and no more than
+    `tolerance` behind the nearest surface at their pixel."""
+    vertices, faces = torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces).long()
+    seen = torch.zeros(len(vertices), dtype=torch.bool)
+    for dyaw, dpitch in FRONT_VIEWS:
+        yaw, pitch = CANONICAL[0] + dyaw, CANONICAL[1] + dpitch
+        zbuf, _, _ = rasterize(vertices, faces, yaw, pitch, resolution)
+        pix, z = _project(vertices, yaw, pitch, resolution)
+        p = pix.round().long()
+        inside = ((p >= 0) & (p < resolution)).all(1)
+        p = p.clamp(0, resolution - 1)
+        seen |= inside & (z <= zbuf[p[:, 1], p[:, 0]] + tolerance)
+    return seen.numpy()
+
+
+def mesh_accuracy(vertices, faces, scenes, index, resolution=256):
+    """(completeness, precision) of a mesh of scene `index` of `scenes` (SyntheticScenes), in scene units:
+    completeness = median distance from the true surface seen from FRONT_VIEWS to the mesh (to its nearest
+    vertex or face centre); precision = median distance from the mesh vertices those views see to the
+    true surface (to its nearest ray-cast point; the views are cast at resolution x resolution)."""
+    vertices, faces = np.asarray(vertices, np.float32), np.asarray(faces)
+    truth = true_surface_points(scenes, index, resolution)
+    mesh_points = np.concatenate([vertices, vertices[faces].mean(1)])
+    completeness = np.median(_tree(mesh_points).query(truth)[0])
+    seen = vertices[visible_vertices(vertices, faces, resolution)]
+    precision = np.median(_tree(truth).query(seen)[0]) if len(seen) else math.inf
+    return float(completeness), float(precision)
+
+
+# -----------------------------------------------------------------------------
+# sample.py --mesh / --points / --mesh --eval
+
+@torch.no_grad()
+def export(model, items, out_dir, args, device='cpu'):
+    """items: (name, image (1, 3, S, S) in [0, 1], depth (1, 1, S, S)) -> NAME.ply with --mesh,
+    NAME_points.ply with --points, in out_dir."""
+    for name, image, depth in items:
+        start = time.perf_counter()
+        planes = model.encode(torch.cat([image * 2 - 1, depth], 1).to(device))
+        field = scene_field(model, planes)
+        if args.mesh:
+            grid = triplane_density_grid(model, planes, args.mesh_res)
+            mesh = extract_mesh(field, args.mesh_res, args.mesh_level, grid, device)
+            path = os.path.join(out_dir, f"{name}.ply")
+            save_ply(path, mesh['vertices'], mesh['colors'], mesh['faces'])
+            how = 'automatic: the density whose crossings best match where canonical rays stop' \
+                if mesh['level_rule'] == 'auto' else 'given'
+            print(f"wrote {path}: {len(mesh['vertices']):,} vertices, {len(mesh['faces']):,} faces, "
+                  f"{args.mesh_res}^3 grid, iso-level {mesh['level']:.4g} ({how}), "
+                  f"{time.perf_counter() - start:.1f} s")
+        if args.points:
+            points, colors = canonical_points(field, args.resolution or image.shape[-1], args.n_coarse,
+                                              args.n_fine, device)
+            path = os.path.join(out_dir, f"{name}_points.ply")
+            save_ply(path, points, colors)
+            print(f"wrote {path}: {len(points):,} points")
+
+
+@torch.no_grad()
+def evaluate(model, args, seed, image_size, device='cpu'):
+    """Mesh accuracy on args.eval_scenes held-out synthetic scenes (family `seed`) -> metrics dict."""
+    scenes = SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
+    rows = []
+    for k in tqdm(range(len(scenes)), desc='mesh eval'):
+        item = scenes[k]
+        start = time.perf_counter()
+        planes = model.encode(torch.cat([item['image'][None] * 2 - 1, item['depth'][None]], 1).to(device))
+        grid = triplane_density_grid(model, planes, args.mesh_res, progress=False)
+        mesh = extract_mesh(scene_field(model, planes), args.mesh_res, args.mesh_level, grid, device)
+        seconds = time.perf_counter() - start
+        completeness, precision = mesh_accuracy(mesh['vertices'], mesh['faces'], scenes, k)
+        rows.append(dict(scene=k, completeness=completeness, precision=precision, level=mesh['level'],
+                         vertices=len(mesh['vertices']), seconds=seconds))
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+    return dict(completeness=mean('completeness'), precision=mean('precision'), seconds_per_scene=mean('seconds'),
+                mesh_res=args.mesh_res, level=args.mesh_level or 'auto', scenes=len(rows), seed=seed,
+                front_views=[[round(y, 4), round(p, 4)] for y, p in FRONT_VIEWS], per_scene=rows)
+
+
+def main(argv):
+    """python mesh.py view MESH.ply OUT.png [--size S]: the mesh from the canonical camera and from
+    30 degrees to the right and above, in its colours and in grey."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument('command', choices=['view'])
+    p.add_argument('ply')
+    p.add_argument('png')
+    p.add_argument('--size', type=int, default=256)
+    args = p.parse_args(argv)
+    import data
+    vertices, colors, faces = load_ply(args.ply)
+    if faces is None:
+        raise ValueError(f"{args.ply} has no faces (a point cloud): view it in MeshLab or Blender")
+    views = [CANONICAL, (CANONICAL[0] + math.radians(30), CANONICAL[1] - math.radians(20))]
+    pictures = [render_mesh(vertices, faces, c, yaw, pitch, args.size) for yaw, pitch in views for c in (colors, None)]
+    data.save_grid(torch.stack(pictures), args.png, nrow=len(pictures))
+    print(f"wrote {args.png}")
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
