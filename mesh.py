@@ -24,14 +24,13 @@ import mcubes                          # marching cubes (C++), numpy in, numpy o
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from scenes import SyntheticScenes
 from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree      # nearest neighbours for the accuracy metrics (scipy comes with PyMCubes)
 from tqdm import tqdm
 
 from model import make_field, sample_triplane, triplane_pyramid
 from render import get_rays, orbit_camera, render_rays
+from scenes import SyntheticScenes
 
 MESH_RES = 256            # grid points per side of the box
 CHUNK = 1 << 18           # points per field query: bounds the memory of the grid pass
