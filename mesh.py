@@ -17,7 +17,6 @@ faces. `python mesh.py view scene_0.ply scene_0.png` draws a PLY with the small 
 import math
 import os
 import sys
-import tempfile
 import time
 
 import mcubes                          # marching cubes (C++), numpy in, numpy out
@@ -28,6 +27,7 @@ from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree      # nearest neighbours for the accuracy metrics (scipy comes with PyMCubes)
 from tqdm import tqdm
 
+from data import atomic_write, save_grid
 from model import make_field, sample_triplane, triplane_pyramid
 from render import get_rays, orbit_camera, render_rays
 from scenes import SyntheticScenes
@@ -265,16 +265,7 @@ def save_ply(path, vertices, colors, faces=None, comments=(PLY_COMMENT,)):
         face = np.empty(len(faces), dtype=[('vertex_indices', 'i4', (3,))])
         face['vertex_indices'] = faces
         elements.append(PlyElement.describe(face, 'face'))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix='.tmp', dir=folder)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            PlyData(elements, text=False, comments=list(comments)).write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, PlyData(elements, text=False, comments=list(comments)).write)
 
 
 def load_ply(path):
@@ -490,13 +481,12 @@ def main(argv):
     p.add_argument('png')
     p.add_argument('--size', type=int, default=256)
     args = p.parse_args(argv)
-    import data
     vertices, colors, faces = load_ply(args.ply)
     if faces is None:
         raise ValueError(f"{args.ply} has no faces (a point cloud): view it in MeshLab or Blender")
     views = [CANONICAL, (CANONICAL[0] + math.radians(30), CANONICAL[1] - math.radians(20))]
     pictures = [render_mesh(vertices, faces, c, yaw, pitch, args.size) for yaw, pitch in views for c in (colors, None)]
-    data.save_grid(torch.stack(pictures), args.png, nrow=len(pictures))
+    save_grid(torch.stack(pictures), args.png, nrow=len(pictures))
     print(f"wrote {args.png}")
 
 
