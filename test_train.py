@@ -330,6 +330,7 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path):
     out = tmp_path / 'run'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         str(script), *TINY, '--max_steps', '4', '--save_every', '4', '--device', 'cpu',
+                        '--batch_size', '2', '--global_batch', '8',  # 2 processes x 2 micro-batches of 2
                         '--out_dir', str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / 'run.json').read_text())
