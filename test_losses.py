@@ -412,6 +412,20 @@ def test_clip_bad_names():
         losses.CLIPEmbeddingLoss('ViT-B-16', 'no-such-tag')
 
 
+def test_clip_weights_from_a_local_file(tiny_clip, tmp_path, monkeypatch):
+    """clip_pretrained may be a weights file, which open_clip loads itself; a bad file is a one-line error."""
+    path = tmp_path / 'clip.pt'
+    state = {k: torch.randn_like(v) for k, v in tiny_clip.model.state_dict().items()}
+    torch.save(state, path)
+    monkeypatch.setattr(losses, '_BACKBONES', dict(losses._BACKBONES))
+    loaded = losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=str(path))
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match=r'junk\.pt') as info:
+        losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=str(tmp_path / 'junk.pt'))
+    assert '\n' not in str(info.value)
+
+
 def test_cache_only_loading_fails_fast_and_clearly(tmp_path, monkeypatch):
     """download=False (what synthetic training runs use): no network attempt, an immediate clear error."""
     import time
