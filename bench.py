@@ -136,6 +136,7 @@ def add_train_args(p):
     p.add_argument("--n_coarse", type=int, default=None)
     p.add_argument("--n_fine", type=int, default=None)
     p.add_argument("--projection", default=None, choices=["official", "yz"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the recipe's (float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iters", type=int, default=5)
@@ -154,7 +155,7 @@ def bench_train(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = ["--dataset", "imagenet", "--data_dir", "-"] if args.size == "paper" else []
-    overrides = {k: getattr(args, k) for k in ("image_size", "render_size", "n_coarse", "n_fine", "projection")
+    overrides = {k: getattr(args, k) for k in ("image_size", "render_size", "n_coarse", "n_fine", "projection", "dtype")
                  if getattr(args, k) is not None}
     if args.batch is not None:
         overrides["batch_size"] = args.batch
@@ -170,7 +171,8 @@ def bench_train(args):
     scenes = SyntheticScenes(cfg["batch_size"], image_size=image_size, seed=0)
     batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
     from contextlib import nullcontext
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    amp_dtype = train.DTYPES[cfg["dtype"]]  # as train.py: autocast only with --dtype bfloat16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rgbd = torch.cat([batch["image"] * 2 - 1, batch["depth"]], 1).to(device)
@@ -182,7 +184,7 @@ def bench_train(args):
         optimizer.zero_grad(set_to_none=True)
 
     def full_step():
-        loss, _, _ = train.trigen_losses(net, batch, 1000, cfg, {}, device, autocast)
+        loss, _, _ = train.trigen_losses(net, batch, 1000, 0, cfg, {}, device, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -196,7 +198,7 @@ def bench_train(args):
         ("config", f"{args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {B}, "
                    f"image {image_size}, render {R}x{R}, samples {cfg['n_coarse']}+{cfg['n_fine']}, "
                    f"projection {cfg['projection']}"),
-        ("device", device_name + (", bf16 autocast" if device.type == "cuda" else "")),
+        ("device", device_name + (", bf16 autocast" if amp_dtype is not None else ", float32")),
         ("median ms / step", f"{t_step * 1e3:.1f}"),
         ("  of which f_trigen fwd+bwd", f"{t_encode * 1e3:.1f}"),
         ("images/s", f"{B / t_step:.2f}"),

@@ -154,6 +154,17 @@ def _normalize_channels(f):
     return f / (torch.sqrt(f.pow(2).sum(dim=1, keepdim=True)) + LPIPS_EPS)
 
 
+def _lpips_package_weights():
+    """Path of LPIPS' learned VGG channel weights as the lpips package ships them (no download needed)."""
+    import importlib.util
+    spec = importlib.util.find_spec('lpips')
+    if spec is None or spec.origin is None:
+        raise WeightsUnavailable("VGGPerceptual: LPIPS' channel weights come from the lpips package, which is not "
+                                 "installed: pip install lpips (see requirements.txt), or pass channel_weights='uniform' "
+                                 "(train config key lpips_weights=uniform)")
+    return os.path.join(os.path.dirname(spec.origin), 'weights', 'v0.1', 'vgg.pth')
+
+
 def _load_calibration(path):
     """Per-channel LPIPS calibration weights from a file in the lpips package layout ('vgg.pth':
     lin{k}.model.1.weight of shape (1, C_k, 1, 1), k = 0..4) -> list of five (C_k,) tensors."""
@@ -183,14 +194,15 @@ class VGGPerceptual(nn.Module):
     and the loss is sum over the chosen levels of weight_l * d_l, averaged over the batch. The released
     recipe uses all five levels on canonical steps and the last two (levels=(3, 4)) on novel steps.
 
+    Channel weights w_{l,c} (channel_weights=):
+    * 'lpips' (default): LPIPS' learned non-negative per-channel weights (the "lin" layers, averaging
+      0.108 / 0.069 / 0.068 / 0.101 / 0.092 over the five levels), read from the installed lpips package (lpips/weights/v0.1/vgg.pth). With these the
+      value equals lpips.LPIPS(net='vgg') on the same backbone, as the release trains.
+    * 'uniform': w_{l,c} = 1, the sum over channels, LPIPS's own uncalibrated mode (lpips=False). With
+      unit channel vectors each level's d_l then lies in [0, 4] whatever its width (64..512), so the
+      levels count alike, about 10x the calibrated value.
+    * a path: a file in the lpips 'vgg.pth' layout.
     Where this differs from the released LPIPS (lpips package, net='vgg', version 0.1):
-    * Channel weights w_{l,c}. The release uses learned non-negative per-channel calibration weights
-      ("lin" layers) that we cannot download. By default w_{l,c} = 1, i.e. the sum over channels, which
-      is LPIPS's own uncalibrated mode (lpips=False). We sum rather than average because with unit
-      channel vectors each level's d_l then lies in [0, 4] whatever its width (64..512), so the levels
-      count alike; a channel mean would shrink the deep levels 512 times. The overall scale differs
-      from the calibrated metric, so the loss weights w_vgg may need retuning. Pass
-      calibration_path= (the lpips 'vgg.pth' layout) to use the released weights exactly.
     * No dropout in front of the channel weights (the release only has it for training the
       calibration; it is inactive in eval mode anyway).
     * Levels can be selected and weighted; the release sums all five with weight 1.
@@ -200,16 +212,17 @@ class VGGPerceptual(nn.Module):
     random-init backbone for tests only.
     """
 
-    def __init__(self, pretrained=True, calibration_path=None, download=True):
+    def __init__(self, pretrained=True, channel_weights='lpips', download=True):
         super().__init__()
         self.pretrained = bool(pretrained)
+        if channel_weights == 'uniform':
+            channel_weights = [torch.ones(c) for c in VGG_CHANNELS]
+        else:
+            channel_weights = _load_calibration(_lpips_package_weights() if channel_weights == 'lpips'
+                                                else channel_weights)
         self._key = ('vgg16_lpips', self.pretrained)
         if self._key not in _BACKBONES:
             _BACKBONES[self._key] = _load_vgg16_features(self.pretrained, download)
-        if calibration_path is None:
-            channel_weights = [torch.ones(c) for c in VGG_CHANNELS]
-        else:
-            channel_weights = _load_calibration(calibration_path)
         # non-persistent buffers: they follow .to() but never reach a state_dict / checkpoint
         for l, w in enumerate(channel_weights):
             self.register_buffer(f'channel_weight{l}', w, persistent=False)  # (C_l,)
@@ -228,12 +241,13 @@ class VGGPerceptual(nn.Module):
         x = torch.cat([pred, target]).float()  # (2B, 3, H, W): one backbone pass for both
         x = (x - self.shift.to(x.device)) / self.scale.to(x.device)
         out = []
-        for l in range(n_levels):
-            x = slices[l](x)  # (2B, C_l, H_l, W_l)
-            f = _normalize_channels(x)
-            diff = (f[:B] - f[B:]).pow(2)  # (B, C_l, H_l, W_l)
-            w = getattr(self, f'channel_weight{l}').to(diff.device).view(1, -1, 1, 1)
-            out.append((diff * w).sum(dim=1).mean(dim=(1, 2)))  # (B,)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 even inside a bf16 step
+            for l in range(n_levels):
+                x = slices[l](x)  # (2B, C_l, H_l, W_l)
+                f = _normalize_channels(x)
+                diff = (f[:B] - f[B:]).pow(2)  # (B, C_l, H_l, W_l)
+                w = getattr(self, f'channel_weight{l}').to(diff.device).view(1, -1, 1, 1)
+                out.append((diff * w).sum(dim=1).mean(dim=(1, 2)))  # (B,)
         return out
 
     def forward(self, pred, target, levels=(0, 1, 2, 3, 4), weights=None, reduction='mean'):
@@ -301,7 +315,8 @@ def _load_clip(model_name, pretrained, cache_dir, download=True):
                                            force_quick_gelu=bool(tag_cfg.get('quick_gelu', False)))
     except Exception as e:
         if not tag_cfg:
-            raise
+            raise ValueError(f"CLIPEmbeddingLoss: cannot load the weights file {pretrained} into open_clip model "
+                             f"{model_name!r} ({_one_line(e)}) (config keys clip_pretrained, clip_model)") from e
         source, where = _clip_weights_help(model_name, pretrained, cache_dir)
         raise WeightsUnavailable(
             f"CLIPEmbeddingLoss: cannot load open_clip weights for model {model_name!r} with pretrained "
@@ -371,7 +386,8 @@ class CLIPEmbeddingLoss(nn.Module):
         x = (x.float() + 1) / 2  # [0, 1], what CLIP's preprocessing starts from
         x = F.interpolate(x, size=self.image_size, mode='bilinear', align_corners=False)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        return model.encode_image(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # float32 even inside a bf16 step
+            return model.encode_image(x)
 
     def forward(self, pred, target):
         _check_images(pred, target, 'CLIPEmbeddingLoss')

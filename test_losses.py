@@ -93,7 +93,7 @@ def test_opacity_loss():
 
 @pytest.fixture(scope='module')
 def vgg():
-    return losses.VGGPerceptual(pretrained=False)
+    return losses.VGGPerceptual(pretrained=False, channel_weights='uniform')
 
 
 def _lpips_reference(backbone, pred, target, lin_weights, levels):
@@ -180,7 +180,7 @@ def test_vgg_level_selection_and_weights(vgg):
 
 
 def test_vgg_backbone_loaded_once_and_never_in_a_checkpoint(vgg):
-    other = losses.VGGPerceptual(pretrained=False)
+    other = losses.VGGPerceptual(pretrained=False, channel_weights='uniform')
     assert other.backbone is vgg.backbone  # module-level cache: no second build/load
     # the loss owns no parameters and adds nothing to a state_dict, even if attached to a model
     assert list(other.parameters()) == [] and len(other.state_dict()) == 0
@@ -199,7 +199,7 @@ def test_vgg_calibration_file(vgg, tmp_path):
              for k, c in enumerate(losses.VGG_CHANNELS)}
     path = tmp_path / 'vgg.pth'
     torch.save(state, path)
-    cal = losses.VGGPerceptual(pretrained=False, calibration_path=str(path))
+    cal = losses.VGGPerceptual(pretrained=False, channel_weights=str(path))
     assert cal.backbone is vgg.backbone
     assert len(cal.state_dict()) == 0
     a, b = _pair((2, 3, 32, 32), seed=6)
@@ -217,18 +217,56 @@ def test_vgg_calibration_file(vgg, tmp_path):
     del missing['lin3.model.1.weight']
     torch.save(missing, tmp_path / 'missing.pth')
     with pytest.raises(ValueError) as info:
-        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'missing.pth'))
+        losses.VGGPerceptual(pretrained=False, channel_weights=str(tmp_path / 'missing.pth'))
     assert str(tmp_path / 'missing.pth') in str(info.value) and 'lin3.model.1.weight' in str(info.value)
     wrong = dict(state)
     wrong['lin2.model.1.weight'] = torch.rand(1, 128, 1, 1)
     torch.save(wrong, tmp_path / 'wrong.pth')
     with pytest.raises(ValueError) as info:
-        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'wrong.pth'))
+        losses.VGGPerceptual(pretrained=False, channel_weights=str(tmp_path / 'wrong.pth'))
     for fact in (str(tmp_path / 'wrong.pth'), 'lin2.model.1.weight', '(1, 128, 1, 1)', '(1, 256, 1, 1)'):
         assert fact in str(info.value), fact
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(ValueError, match=r'junk\.pth'):
-        losses.VGGPerceptual(pretrained=False, calibration_path=str(tmp_path / 'junk.pth'))
+        losses.VGGPerceptual(pretrained=False, channel_weights=str(tmp_path / 'junk.pth'))
+
+
+def test_vgg_default_equals_lpips_package(vgg):
+    """The default (LPIPS' learned channel weights, read from the installed lpips package) gives the value of
+    lpips.LPIPS(net='vgg') on the same (random) backbone weights."""
+    import lpips
+    ref = lpips.LPIPS(net='vgg', pnet_rand=True, verbose=False).eval()
+    for l, part in enumerate(vgg.backbone):  # lpips slices VGG16 at the same relus, with the same layer names
+        getattr(ref.net, f'slice{l + 1}').load_state_dict(part.state_dict())  # strict: every tensor copied
+    default = losses.VGGPerceptual(pretrained=False)
+    assert default.backbone is vgg.backbone
+    a, b = _pair((3, 3, 32, 32), seed=8)
+    with torch.no_grad():
+        expected = ref(a, b).flatten()  # (B,), inputs in [-1, 1]
+        got = default(a, b, reduction='none')
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), (got, expected)
+        # uniform weights are about ten times stronger: what the default corrects
+        assert 4 < vgg(a, b).item() / default(a, b).item() < 30
+
+
+def test_vgg_default_needs_the_lpips_package(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'lpips' else real(name, *a))
+    with pytest.raises(losses.WeightsUnavailable, match='pip install lpips.*uniform'):
+        losses.VGGPerceptual(pretrained=False)
+    assert losses.VGGPerceptual(pretrained=False, channel_weights='uniform').channel_weight0.sum() == 64
+
+
+def test_vgg_and_clip_run_float32_under_autocast(vgg, tiny_clip):
+    a, b = _pair((2, 3, 32, 32), seed=9)
+    with torch.no_grad():
+        plain = vgg(a, b)
+        with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
+            inside = vgg(a, b)
+            clip_inside = tiny_clip.embed(a)
+        assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+        assert clip_inside.dtype == torch.float32 and torch.equal(clip_inside, tiny_clip.embed(a))
 
 
 def test_vgg_gradient_finite_at_all_zero_features(vgg):
@@ -383,6 +421,20 @@ def test_clip_bad_names():
         losses.CLIPEmbeddingLoss('no-such-model', 'openai')
     with pytest.raises(ValueError, match="'no-such-tag'.*clip_pretrained"):
         losses.CLIPEmbeddingLoss('ViT-B-16', 'no-such-tag')
+
+
+def test_clip_weights_from_a_local_file(tiny_clip, tmp_path, monkeypatch):
+    """clip_pretrained may be a weights file, which open_clip loads itself; a bad file is a one-line error."""
+    path = tmp_path / 'clip.pt'
+    state = {k: torch.randn_like(v) for k, v in tiny_clip.model.state_dict().items()}
+    torch.save(state, path)
+    monkeypatch.setattr(losses, '_BACKBONES', dict(losses._BACKBONES))
+    loaded = losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=str(path))
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(ValueError, match=r'junk\.pt') as info:
+        losses.CLIPEmbeddingLoss(TINY_CLIP, pretrained=str(tmp_path / 'junk.pt'))
+    assert '\n' not in str(info.value)
 
 
 def test_cache_only_loading_fails_at_once_without_trying_the_network(tmp_path, monkeypatch):

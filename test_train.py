@@ -1,5 +1,6 @@
 """Tests of train.py: config overrides, the recipe's schedules, the resumable sampler, and real runs
 (loss goes down, resume after SIGKILL, two-process gloo keeps ranks identical)."""
+import contextlib
 import json
 import math
 import os
@@ -39,28 +40,55 @@ def read_metrics(out_dir):
 # config
 
 def test_overrides_both_forms_and_types():
+    before = dict(train.config)
     cfg = train.parse_config(['--max_steps', '12', '--lr=0.5', '--resume', '--out_dir=x', '--compile', 'false'])
     assert cfg['max_steps'] == 12 and isinstance(cfg['max_steps'], int)
     assert cfg['lr'] == 0.5 and cfg['resume'] is True and cfg['out_dir'] == 'x' and cfg['compile'] is False
-    # keys left at None come from the dataset's recipe
-    assert cfg['batch_size'] == train.RECIPES['synthetic']['batch_size']
-    assert train.config['max_steps'] is None  # the global dict itself is untouched
+    assert cfg['batch_size'] == train.config['batch_size']  # keys not given: the config's own values
+    assert train.config == before  # the global dict itself is untouched
+
+
+def test_config_declares_values():
+    # the config dict is the synthetic recipe, every value declared (no None placeholders)
+    assert all(v is not None for v in train.config.values())
+    assert train.parse_config([]) == dict(train.config)
 
 
 def test_imagenet_selects_released_recipe():
     cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', '/data/imagenet'])
     assert (cfg['model_size'], cfg['image_size'], cfg['batch_size'], cfg['lr']) == ('paper', 128, 8, 5e-5)
     assert (cfg['max_steps'], cfg['n_coarse'], cfg['n_fine']) == (300_000, 32, 32)
-    assert (cfg['beta1'], cfg['beta2'], cfg['warmup_frac'], cfg['div_factor']) == (0.9, 0.99, 0.02, 25.0)
+    assert (cfg['beta2'], cfg['warmup_frac'], cfg['div_factor']) == (0.99, 0.02, 25.0)
     assert (cfg['w_rgb'], cfg['w_depth'], cfg['w_vgg'], cfg['w_clip']) == (1.0, 2.0, 1.0, 0.175)
     assert (cfg['w_clip_novel'], cfg['w_tv_novel'], cfg['w_vgg_novel']) == (0.35, 0.1, 2.0)
+    # the release's optimisation: no clipping, beta1 cycling with the lr, fp32, 48 images a step, LPIPS weights
+    assert (cfg['grad_clip'], cfg['cycle_beta1'], cfg['dtype'], cfg['global_batch']) == (0, True, 'float32', 48)
+    assert cfg['lpips_weights'] == 'lpips'
+    # command-line keys win over the recipe
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x', '--global_batch', '16', '--lr', '1e-4'])
+    assert (cfg['global_batch'], cfg['lr'], cfg['batch_size']) == (16, 1e-4, 8)
 
 
 def test_rgbd_stage_recipe_comes_first_and_overrides_win():
     cfg = train.parse_config(['--stage', 'rgbd'])
-    assert (cfg['image_size'], cfg['batch_size']) == (32, 16)
+    assert (cfg['image_size'], cfg['batch_size'], cfg['global_batch']) == (32, 16, 16)
     assert train.parse_config(['--stage', 'rgbd', '--image_size', '64'])['image_size'] == 64
     assert train.parse_config(['--stage', 'rgbd', '--dataset', 'imagenet', '--data_dir', 'x'])['image_size'] == 128
+    # the two stages write to different folders, the second where sample.py looks for it
+    assert train.parse_config([])['out_dir'] == 'out'
+    assert train.parse_config(['--stage', 'rgbd'])['out_dir'] == 'out-rgbd'
+    assert train.parse_config(['--stage', 'rgbd', '--out_dir', 'mine'])['out_dir'] == 'mine'
+    rgbd_ckpt = train.parse_config(['--stage', 'rgbd'])['out_dir'] + '/ckpt.pt'
+    assert f"args.rgbd_ckpt or '{rgbd_ckpt}'" in (REPO / 'sample.py').read_text()  # sample.py's default
+
+
+def test_accumulation_steps():
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x'])
+    assert train.accumulation_steps(cfg, world_size=1) == 6      # one GPU: 8 x 6 = 48
+    assert train.accumulation_steps(cfg, world_size=6) == 1      # the paper's 6 GPUs
+    assert train.accumulation_steps(cfg, world_size=2) == 3
+    with pytest.raises(train.ConfigError, match='--global_batch 48.*--batch_size 8.*5 process'):
+        train.accumulation_steps(cfg, world_size=5)
 
 
 @pytest.mark.parametrize('argv, facts', [
@@ -73,6 +101,9 @@ def test_rgbd_stage_recipe_comes_first_and_overrides_win():
     (['--max_steps'], ['--max_steps']),
     (['--batch_size', '0'], ['--batch_size', '0']),
     (['oops'], ["'oops'"]),
+    (['--dtype', 'float16'], ['--dtype', 'float16']),
+    (['--dtype', 'fp8'], ['--dtype', "'fp8'"]),
+    (['--global_batch', '0'], ['--global_batch', '0']),
 ])
 def test_config_errors(argv, facts):
     """A ConfigError on one line that names the key and the bad value."""
@@ -90,11 +121,22 @@ def test_cli_error_is_one_line_and_exit_1():
     assert r.stderr.strip().count('\n') == 0 and 'expects an integer' in r.stderr
 
 
-def test_help_lists_every_key():
+def test_help_lists_every_key_with_its_value():
     r = run_train(['--help'])
     assert r.returncode == 0
     for key in train.config:
         assert f'--{key}' in r.stdout
+
+    def shown(stdout):
+        return dict(line[2:].split()[:2] for line in stdout.splitlines() if line.startswith('--'))
+    values = shown(r.stdout)
+    assert values['lr'] == repr(train.config['lr']) and values['global_batch'] == repr(train.config['global_batch'])
+    r = run_train(['--dataset', 'imagenet', '--help'])   # the values of the chosen dataset, no --data_dir needed
+    assert r.returncode == 0
+    values = shown(r.stdout)
+    assert (values['lr'], values['global_batch'], values['grad_clip'], values['max_steps']) == \
+        ('5e-05', '48', '0.0', '300000')
+    assert shown(run_train(['--stage', 'rgbd', '--help']).stdout)['out_dir'] == "'out-rgbd'"
 
 
 # -----------------------------------------------------------------------------
@@ -112,11 +154,80 @@ def test_novel_probability_and_camera_curriculum():
     assert (pitch1 - math.pi / 2).abs().max() <= math.pi / 18
 
 
-def test_loss_weight_schedule():
-    cfg = train.parse_config(['--max_steps', '100'])
-    early, late = train.loss_weights(10, cfg), train.loss_weights(60, cfg)
-    assert early['vgg'] == 0 and early['clip'] == 0 and early['opacity'] == pytest.approx(0.2)
-    assert late['vgg'] == 1.0 and late['clip'] == 0.175 and late['opacity'] == 1.0
+def test_terms_and_weights_per_step():
+    # the released recipe (README §5) at given steps of a 300k-step run
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x'])
+    T = cfg['max_steps']
+    canonical = {step: train.term_weights(step, False, cfg) for step in (0, T // 10, T // 2 - 1, T // 2, T - 1)}
+    novel = {step: train.term_weights(step, True, cfg) for step in (0, T // 10, T // 2, T - 1)}
+    assert canonical[0] == dict(rgb=1.0, depth=2.0, vgg=0.0, clip=0.0, opacity=0.0)
+    assert canonical[T // 10] == dict(rgb=1.0, depth=2.0, vgg=0.0, clip=0.0, opacity=pytest.approx(0.2))
+    assert canonical[T // 2 - 1]['vgg'] == 0 and canonical[T // 2 - 1]['clip'] == 0   # first half: no perceptual
+    assert canonical[T // 2] == dict(rgb=1.0, depth=2.0, vgg=1.0, clip=0.175, opacity=1.0)
+    assert canonical[T - 1] == canonical[T // 2]
+    assert novel[0] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=0.0)          # perceptual from the start
+    assert novel[T // 10] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=pytest.approx(0.2))
+    assert novel[T // 2] == novel[T - 1] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=1.0)
+
+
+class _Constant(torch.nn.Module):
+    """A stand-in perceptual loss whose value is 1 (so a term's value is its weight); records its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, pred, target, **kwargs):
+        self.calls.append(kwargs)
+        return pred.sum() * 0 + 1
+
+
+@pytest.mark.parametrize('novel', [False, True])
+def test_losses_rescaling_and_depth_guided_samples_per_view(novel):
+    """trigen_losses on a canonical and a novel step of the second half: the terms, their weights, the VGG
+    levels, and gradient rescaling + depth-guided samples on canonical steps only."""
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x', '--max_steps', '100', '--render_size', '4',
+                              '--p_novel_max', '1' if novel else '0'])
+    seen = []
+
+    def net(rgbd, rays_o, rays_d, opts):
+        seen.append(opts)
+        B, R = rays_o.shape[:2]
+        x = torch.full((B, R, 1), 0.5, requires_grad=True)
+        return dict(rgb=x.expand(B, R, 3), depth=x * 0 + 5, opacity=x)
+    perceptual = dict(vgg=_Constant(), clip=_Constant())
+    batch = dict(image=torch.rand(2, 3, 8, 8), depth=torch.rand(2, 1, 8, 8) * 2 + 4)
+    loss, terms, info = train.trigen_losses(net, batch, 60, 0, cfg, perceptual, 'cpu', contextlib.nullcontext)
+    assert info['novel'] is novel
+    expected = train.term_weights(60, novel, cfg)
+    assert info['weights'] == expected
+    assert set(terms) == ({'clip', 'vgg', 'tv', 'opacity'} if novel else {'rgb', 'depth', 'vgg', 'clip', 'opacity'})
+    assert terms['vgg'].item() == pytest.approx(expected['vgg']) and terms['clip'].item() == pytest.approx(expected['clip'])
+    assert perceptual['vgg'].calls == [dict(levels=(3, 4) if novel else (0, 1, 2, 3, 4))]
+    assert loss.item() == pytest.approx(sum(t.item() for t in terms.values()))
+    rescaling = {'surface_depth', 'depth_guided_prob', 's1', 's2', 'c_min', 'c_max'}
+    if novel:
+        assert not rescaling & set(seen[0])
+    else:
+        assert rescaling <= set(seen[0]) and seen[0]['c_min'] == 0.05 and seen[0]['depth_guided_prob'] == 0.4
+        assert seen[0]['surface_depth'].shape == (2, 16, 1)  # (B, R*R, 1): the ground-truth depth per ray
+    # early in training the canonical step has no perceptual terms, and a missing backbone drops its term
+    _, terms, _ = train.trigen_losses(net, batch, 10, 0, cfg, dict(vgg=_Constant()), 'cpu', contextlib.nullcontext)
+    assert set(terms) == ({'vgg', 'tv', 'opacity'} if novel else {'rgb', 'depth', 'opacity'})
+
+
+def test_views_drawn_per_micro_batch_and_reproducible():
+    cfg = train.parse_config(['--max_steps', '300', '--p_novel_max', '0.4'])
+    draws = [[train.draw_view(step, chunk, 3, cfg) for chunk in range(6)] for step in range(100, 300)]
+    again = train.draw_view(150, 4, 3, cfg)
+    assert again[0] == draws[50][4][0] and torch.equal(again[1], draws[50][4][1])  # a function of (step, chunk)
+    coins = torch.tensor([[d[0] for d in row] for row in draws], dtype=torch.float)  # (200 steps, 6 chunks)
+    assert 0.3 < coins.mean() < 0.5                              # P(novel) = 0.4 here
+    assert ((coins.sum(1) > 0) & (coins.sum(1) < 6)).float().mean() > 0.8   # steps mix both kinds
+    novel_yaws = torch.stack([d[1] for row in draws for d in row if d[0]])
+    assert novel_yaws.unique().numel() == novel_yaws.numel()     # every micro-batch its own poses
+    canonical = [d for row in draws for d in row if not d[0]]
+    assert all((d[1] == math.pi / 2).all() and (d[2] == math.pi / 2).all() for d in canonical)
 
 
 # -----------------------------------------------------------------------------
@@ -134,6 +245,12 @@ def test_sampler_resumes_exactly_and_splits_ranks():
     single = list(train.StepBatchSampler(12, 6, 0, 1, seed=5, start_step=0, max_steps=2))
     assert [a + b for a, b in zip(r0, r1)] == single
     assert sorted(sum(r0 + r1, [])) == list(range(12))
+    # gradient accumulation: one process's 3 micro-batches of step s hold the images of 3 processes at step s,
+    # in the order draw_view numbers them (chunk = micro * world_size + rank)
+    one = train.StepBatchSampler(50, 2, 0, 1, seed=5, start_step=0, max_steps=4 * 3)
+    three = [train.StepBatchSampler(50, 2, r, 3, seed=5, start_step=0, max_steps=4) for r in range(3)]
+    for s in range(4):
+        assert [one.batch(s * 3 + k) for k in range(3)] == [three[r].batch(s) for r in range(3)]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -291,6 +408,7 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path):
     out = tmp_path / 'run'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                         str(script), *TINY, '--max_steps', '4', '--save_every', '4', '--device', 'cpu',
+                        '--batch_size', '2', '--global_batch', '8',  # 2 processes x 2 micro-batches of 2
                         '--out_dir', str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / 'run.json').read_text())

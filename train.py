@@ -2,13 +2,14 @@
 Train G3DR.
 
     python train.py                                     # small run on built-in synthetic scenes (CPU, minutes)
-    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (README §5)
-    torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet --data_dir PATH
+    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (README §5), one GPU
+    torchrun --standalone --nproc_per_node=6 train.py --dataset imagenet --data_dir PATH   # ... on six
     python train.py --stage rgbd                        # the class-conditional RGB-D diffusion model f_rgbd
 
-Every key of `config` below can be overridden as `--key value` or `--key=value`; `python train.py --help`
-lists them. Keys left at None take their value from the dataset's recipe (RECIPES below).
+Every key of `config` below can be overridden as `--key value` or `--key=value`;
+`python train.py [--dataset imagenet] [--stage rgbd] --help` lists them with the values that apply.
 """
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,10 @@ from model import load_checkpoint
 from render import get_rays, orbit_camera
 
 # -----------------------------------------------------------------------------
-# config: one global dict, overridable from the command line
+# config: one global dict, overridable from the command line. The values below are the synthetic recipe (a
+# small G3DR that trains on a laptop CPU in minutes); `--dataset imagenet` puts the released recipe
+# (RECIPES['imagenet']) on top, `--stage rgbd` the diffusion stage's (RGBD_RECIPES), and command-line keys win
+# over both. `python train.py [--dataset imagenet] [--stage rgbd] --help` shows the values that apply.
 config = dict(
     # what to train
     stage='trigen',          # 'trigen': f_trigen + f_dec (RGB-D -> 3D); 'rgbd': the f_rgbd diffusion model
@@ -35,36 +39,40 @@ config = dict(
     data_dir='',             # imagenet: root of class folders with NAME.jpg + NAME_depth.png
     depth_dir='',            # imagenet: optional separate depth root mirroring data_dir
     skip_missing_depth=False,  # imagenet: skip images without depth instead of failing
-    num_scenes=None,         # synthetic: size of the training set of procedural scenes
+    num_scenes=20_000,       # synthetic: size of the training set of procedural scenes
     out_dir='out',           # checkpoint, metrics.jsonl and sample grids go here
     init_from='',            # optional: start from a checkpoint (ours, or the authors' with init_official)
     init_official=False,     # init_from is in the authors' format
     resume=False,            # continue the run saved in out_dir/ckpt.pt
     trust_checkpoint=False,  # load init_from / resume files the safe loader refuses: runs code stored in them
     seed=1337,
-    # model
-    model_size=None,         # 'small' or 'paper' (see model.MODEL_PRESETS)
-    image_size=None,         # side of the training images
-    projection=None,         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
+    # model: the synthetic recipe learns 64 x 64 images with a small model and the corrected projection
+    model_size='small',      # 'tiny', 'small' or 'paper' (see model.MODEL_PRESETS)
+    image_size=64,           # side of the training images
+    projection='yz',         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
     # optimisation (Adam + one-cycle, README §5)
-    max_steps=None,
-    batch_size=None,         # per process
-    lr=None,
-    beta1=0.9,
+    max_steps=1200,
+    global_batch=4,          # images per optimiser step over all processes: batch_size x processes x accumulation
+    batch_size=4,            # per process and micro-step
+    lr=2e-3,
+    beta1=0.9,               # fixed unless cycle_beta1
     beta2=0.99,
+    cycle_beta1=False,       # True: beta1 follows the one-cycle schedule, 0.95 -> 0.85 -> 0.95, as released
     weight_decay=0.0,
     warmup_frac=0.02,        # one-cycle warm-up, fraction of max_steps
     div_factor=25.0,         # one-cycle start lr = lr / div_factor
-    grad_clip=1.0,           # 0 disables
+    grad_clip=1.0,           # gradient-norm clipping; 0 disables (released: none)
     nonfinite='skip',        # on a NaN/inf loss: 'skip' the step (stop after 20 in a row) or 'stop'
-    # rendering during training
-    render_size=None,        # rays per side of the rendered training views
-    n_coarse=None,
-    n_fine=None,
+    # rendering during training: 64 x 64 images rendered at 32 x 32
+    render_size=32,          # rays per side of the rendered training views
+    n_coarse=16,
+    n_fine=16,
     depth_guided_prob=0.4,   # canonical steps: P(fine samples placed around the ground-truth depth)
     rescale_s1=1.25,         # gradient-rescaling kernel k(x, t) = clamp(s1 exp(-(x-t)^2/s2), c_min, c_max)
     rescale_s2=0.03,
-    rescale_cmin=None,       # released 0.05; the short CPU recipe lets far densities decay faster (0.3)
+    # released 0.05; here densities in front of the surface must decay within 1200 steps rather than 300k
+    # (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3)
+    rescale_cmin=0.3,
     rescale_cmax=1.0,
     gradient_rescaling=True,  # the paper's depth regularisation (Sec. 3.2) on canonical steps
     # losses (README §5); image terms compare images in [-1, 1]
@@ -80,8 +88,10 @@ config = dict(
     opacity_ramp=0.5,
     perceptual_start=0.5,    # fraction of training after which w_vgg and w_clip switch on
     clip_model='ViT-B-16',
-    clip_pretrained='openai',
-    lpips_weights='',        # optional file with LPIPS' learned channel weights (vgg.pth layout)
+    clip_pretrained='openai',  # an open_clip tag, or a local weights file (open_clip's own loading)
+    # VGG channel weights: 'lpips' (LPIPS' learned ones, from the installed lpips package, as released),
+    # 'uniform' (all 1: the sum over channels, what the synthetic recipe was tuned with), or a vgg.pth file
+    lpips_weights='uniform',
     # novel views (README §5)
     p_novel_max=0.4,         # P(novel) = min(p_novel_max, 2 step / max_steps)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
@@ -89,40 +99,42 @@ config = dict(
     yaw_curriculum=1 / 3,    # ... over this fraction of training
     pitch_div=18.0,          # pitch = pi/2 + U(-1, 1) pi / pitch_div
     # f_rgbd diffusion stage (--stage rgbd)
-    rgbd_size=None,          # denoiser size preset for f_rgbd ('small' or 'paper')
+    rgbd_size='small',       # denoiser size preset for f_rgbd ('small' or 'paper')
     p_uncond=0.1,            # class dropout for classifier-free guidance
     # logging
     log_every=10,
-    sample_every=None,       # write a PNG grid every N steps
-    save_every=None,         # write the checkpoint every N steps (and at the end)
+    sample_every=250,        # write a PNG grid every N steps
+    save_every=250,          # write the checkpoint every N steps (and at the end)
     # system
     device='auto',           # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    dtype='bfloat16',        # autocast dtype on CUDA ('float32' disables autocast)
+    dtype='float32',         # 'float32' (as released) or 'bfloat16' (autocast of f_trigen; f_dec and losses stay fp32)
     compile=False,           # torch.compile the UNet
-    num_workers=None,
+    num_workers=0,
 )
 
-# What `--dataset X` means: keys left at None take these values.
+# `--dataset X` puts these on top of `config` (which is the synthetic recipe itself).
 RECIPES = {
-    # The released recipe (README §5): 6 GPUs x batch 8, 300k steps.
-    'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, batch_size=8,
-                     lr=5e-5, render_size=128, n_coarse=32, n_fine=32, rescale_cmin=0.05, sample_every=2000,
-                     save_every=2000, num_workers=8, num_scenes=0, rgbd_size='paper'),
-    # The same recipe scaled down to a laptop CPU: a small model, 64 x 64 images rendered at 32 x 32, the
-    # corrected projection, and c_min = 0.3 so that densities in front of the surface decay within 1200 steps
-    # rather than 300k (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3).
-    'synthetic': dict(model_size='small', image_size=64, projection='yz', max_steps=1200, batch_size=4,
-                      lr=2e-3, render_size=32, n_coarse=16, n_fine=16, rescale_cmin=0.3, sample_every=250,
-                      save_every=250, num_workers=0, num_scenes=20_000, rgbd_size='small'),
+    'synthetic': {},
+    # The released recipe (README §5): 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
+    # clipping, beta1 cycling with the one-cycle lr, fp32, LPIPS with its learned channel weights. On fewer
+    # GPUs, gradient accumulation makes up the 48.
+    'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
+                     batch_size=8, lr=5e-5, cycle_beta1=True, grad_clip=0.0, render_size=128, n_coarse=32,
+                     n_fine=32, rescale_cmin=0.05, lpips_weights='lpips', sample_every=2000, save_every=2000,
+                     num_workers=8, num_scenes=0, rgbd_size='paper'),
 }
 
-# --stage rgbd (the f_rgbd diffusion model) takes these first. On the CPU it learns at 32 x 32, where a
-# pixel-space denoiser gets 4x the steps of 64 x 64 for the same time; sample.py resizes its samples
-# to f_trigen's input size. (The paper's f_rgbd is a latent model; see diffusion.py.)
+# `--stage rgbd` (the f_rgbd diffusion model) puts these on top of the dataset's recipe. On the CPU it learns
+# at 32 x 32, where a pixel-space denoiser gets 4x the steps of 64 x 64 for the same time; sample.py resizes its
+# samples to f_trigen's input size. (The paper's f_rgbd is a latent model; see diffusion.py.) It writes to
+# out-rgbd, where sample.py looks for it, so that it does not collide with f_trigen's run in out.
 RGBD_RECIPES = {
-    'imagenet': dict(lr=1e-4, sample_every=5000, save_every=5000),
-    'synthetic': dict(image_size=32, max_steps=2400, batch_size=16, lr=1e-3, sample_every=400, save_every=400),
+    'imagenet': dict(lr=1e-4, sample_every=5000, save_every=5000, out_dir='out-rgbd'),
+    'synthetic': dict(image_size=32, max_steps=2400, global_batch=16, batch_size=16, lr=1e-3, sample_every=400,
+                      save_every=400, out_dir='out-rgbd'),
 }
+
+DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_trigen / the f_rgbd denoiser
 
 
 class ConfigError(ValueError):
@@ -147,16 +159,11 @@ def _parse_value(key, text, default):
             return float(text)
         except ValueError:
             raise ConfigError(f"--{key} expects a number, got {text!r}") from None
-    if default is None:  # recipe keys: take the type of the recipe's value
-        recipe_value = RECIPES['synthetic'].get(key)
-        if recipe_value is not None and not isinstance(recipe_value, str):
-            return _parse_value(key, text, recipe_value)
     return text
 
 
-def parse_config(argv, base=None):
-    """Apply `--key value` / `--key=value` overrides and the dataset's recipe; return a new dict."""
-    cfg = dict(config if base is None else base)
+def _parse_overrides(argv, base):
+    """`--key value` / `--key=value` -> {key: value typed like base[key]}."""
     overrides, i = {}, 0
     while i < len(argv):
         arg = argv[i]
@@ -164,49 +171,76 @@ def parse_config(argv, base=None):
             raise ConfigError(f"unexpected argument {arg!r} (use --key value or --key=value)")
         key, eq, value = arg[2:].partition('=')
         key = key.replace('-', '_')
-        if key not in cfg:
+        if key not in base:
             raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
         if not eq:
-            if isinstance(cfg[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
+            if isinstance(base[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
                 value = 'true'  # a bare boolean flag: --resume
             elif i + 1 < len(argv):
                 i += 1
                 value = argv[i]
             else:
                 raise ConfigError(f"--{key} needs a value")
-        overrides[key] = _parse_value(key, value, cfg[key])
+        overrides[key] = _parse_value(key, value, base[key])
         i += 1
+    return overrides
+
+
+def _resolve(argv, base=None):
+    """config, then the dataset's recipe, then the stage's, then the command line. With base (a resumed run's
+    saved config, recipes already applied) only the command line goes on top."""
+    overrides = _parse_overrides(argv, config if base is None else base)
+    if base is not None:
+        return dict(base, **overrides)
+    dataset = overrides.get('dataset', config['dataset'])
+    stage = overrides.get('stage', config['stage'])
+    if dataset not in RECIPES:
+        raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
+    if stage not in ('trigen', 'rgbd'):
+        raise ConfigError(f"--stage must be 'trigen' or 'rgbd', got {stage!r}")
+    cfg = dict(config, **RECIPES[dataset])
+    if stage == 'rgbd':
+        cfg.update(RGBD_RECIPES[dataset])
     cfg.update(overrides)
-    if cfg['dataset'] not in RECIPES:
-        raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {cfg['dataset']!r}")
-    if cfg['stage'] not in ('trigen', 'rgbd'):
-        raise ConfigError(f"--stage must be 'trigen' or 'rgbd', got {cfg['stage']!r}")
-    if cfg['nonfinite'] not in ('skip', 'stop'):
-        raise ConfigError(f"--nonfinite must be 'skip' or 'stop', got {cfg['nonfinite']!r}")
-    if cfg['recon'] not in ('l1', 'l2'):
-        raise ConfigError(f"--recon must be 'l1' or 'l2', got {cfg['recon']!r}")
-    recipes = [RECIPES[cfg['dataset']]]
-    if cfg['stage'] == 'rgbd':
-        recipes.insert(0, RGBD_RECIPES[cfg['dataset']])
-    for recipe in recipes:
-        for key, value in recipe.items():
-            if cfg[key] is None:
-                cfg[key] = value
+    return cfg
+
+
+def parse_config(argv, base=None):
+    """Apply the recipes and the `--key value` / `--key=value` overrides; return a new dict."""
+    cfg = _resolve(argv, base)
+    for key, allowed in (('nonfinite', ('skip', 'stop')), ('recon', ('l1', 'l2'))):
+        if cfg[key] not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    if cfg['dtype'] == 'float16':
+        raise ConfigError("--dtype float16 is not supported (it needs loss scaling, which this loop does not do); "
+                          "use --dtype bfloat16 or float32")
+    if cfg['dtype'] not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir']:
         raise ConfigError("--dataset imagenet needs --data_dir PATH (class folders of NAME.jpg + NAME_depth.png)")
-    for key in ('max_steps', 'batch_size', 'image_size', 'render_size', 'n_coarse', 'save_every', 'sample_every'):
+    for key in ('max_steps', 'global_batch', 'batch_size', 'image_size', 'render_size', 'n_coarse', 'save_every',
+                'sample_every', 'log_every'):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
     return cfg
 
 
-def print_help():
+def accumulation_steps(cfg, world_size):
+    """Micro-steps per optimiser step, so that every step sees global_batch images whatever the GPU count."""
+    per_micro_step = cfg['batch_size'] * world_size
+    if cfg['global_batch'] % per_micro_step:
+        raise ConfigError(f"--global_batch {cfg['global_batch']} is not a multiple of --batch_size {cfg['batch_size']} "
+                          f"x {world_size} process(es); change --batch_size or --global_batch")
+    return cfg['global_batch'] // per_micro_step
+
+
+def print_help(argv):
+    """The docstring, then every key with the value it takes for this command line's dataset and stage."""
     print(__doc__)
-    print(f"{'key':22s} {'default':>14s}   imagenet recipe")
-    for key, value in config.items():
-        recipe = RECIPES['imagenet'].get(key, '')
-        shown = RECIPES['synthetic'].get(key, value) if value is None else value
-        print(f"--{key:20s} {str(shown):>14s}   {recipe}")
+    cfg = _resolve([a for a in argv if a not in ('-h', '--help')])
+    print(f"values for --dataset {cfg['dataset']} --stage {cfg['stage']} ('*': differs from the synthetic recipe)")
+    for key, value in cfg.items():
+        print(f"--{key:20s} {value!r:>16s} {'*' if value != config[key] else ''}")
 
 
 # -----------------------------------------------------------------------------
@@ -225,23 +259,47 @@ def novel_camera(step, batch_size, cfg, generator):
     return math.pi / 2 + u[0] * math.pi / d, math.pi / 2 + u[1] * math.pi / cfg['pitch_div']
 
 
-def loss_weights(step, cfg):
-    """Weights of step `step`: VGG and CLIP on canonical views switch on after `perceptual_start`;
-    the opacity weight rises linearly over the first `opacity_ramp` of training."""
-    late = step >= cfg['perceptual_start'] * cfg['max_steps']
+def term_weights(step, novel, cfg):
+    """The loss terms of a canonical or novel step and their weights (README §5). Canonical: rgb, depth,
+    VGG (all levels) and CLIP, the last two only after `perceptual_start`; novel: CLIP, VGG (deepest two
+    levels) and TV(depth); both: the opacity term, its weight rising linearly over the first `opacity_ramp`.
+    A perceptual term of weight 0 is not computed."""
     ramp = min(1.0, step / max(1.0, cfg['opacity_ramp'] * cfg['max_steps']))
-    return dict(vgg=cfg['w_vgg'] if late else 0.0, clip=cfg['w_clip'] if late else 0.0,
-                opacity=cfg['w_opacity'] * ramp)
+    if novel:
+        return dict(clip=cfg['w_clip_novel'], vgg=cfg['w_vgg_novel'], tv=cfg['w_tv_novel'],
+                    opacity=cfg['w_opacity'] * ramp)
+    late = step >= cfg['perceptual_start'] * cfg['max_steps']
+    return dict(rgb=cfg['w_rgb'], depth=cfg['w_depth'], vgg=cfg['w_vgg'] if late else 0.0,
+                clip=cfg['w_clip'] if late else 0.0, opacity=cfg['w_opacity'] * ramp)
+
+
+def draw_view(step, chunk, batch_size, cfg):
+    """The canonical/novel coin and the novel poses of one micro-batch. As released, each process draws its
+    own, so one step mixes both kinds. chunk = micro_step * world_size + rank numbers the step's micro-batches
+    in the order of their images (StepBatchSampler), so one GPU accumulating 6 micro-batches draws what 6 GPUs
+    draw; the draw depends only on (seed, step, chunk), so a resumed run continues exactly.
+    Returns (novel, yaw (B,), pitch (B,))."""
+    # torch's CPU generator keeps 32 bits of a seed; chunk k adds k x 0x9E3779B9 (a Weyl sequence), which keeps
+    # every (step, chunk) distinct for runs under 20M steps of up to 100 micro-batches
+    gen = torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + step + chunk * 0x9E3779B9) % 2 ** 32)
+    novel = bool(torch.rand((), generator=gen) < p_novel(step, cfg))
+    if novel:
+        yaw, pitch = novel_camera(step, batch_size, cfg, gen)
+    else:                                                             # the canonical camera
+        yaw = pitch = torch.full((batch_size,), math.pi / 2)
+    return novel, yaw, pitch
 
 
 # -----------------------------------------------------------------------------
 # data: a deterministic, resumable, distributed stream of batches
 
 class StepBatchSampler:
-    """Yields the dataset indices of this process's batch for steps start_step, start_step + 1, ...
+    """Yields the dataset indices of this process's batch for (micro-)steps start_step, start_step + 1, ...
     Global sample g = (step * world_size + rank) * batch_size + i reads position g mod n of the
     permutation of epoch g // n. The batches are a function of the step alone, so a resumed run
-    continues exactly where it stopped, and no two processes see the same sample in an epoch."""
+    continues exactly where it stopped, and no two processes see the same sample in an epoch.
+    With gradient accumulation the steps here are micro-steps: optimiser step s, micro-step k is
+    s * accumulation + k, so a step's images are the same on any number of processes."""
 
     def __init__(self, n, batch_size, rank, world_size, seed, start_step, max_steps):
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
@@ -267,9 +325,9 @@ class StepBatchSampler:
         return max(0, self.max_steps - self.start_step)
 
 
-def make_loader(dataset, cfg, rank, world_size, start_step):
+def make_loader(dataset, cfg, rank, world_size, start_step, accumulation):
     sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
-                               start_step, cfg['max_steps'])
+                               start_step * accumulation, cfg['max_steps'] * accumulation)
     # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
     # resumed run has just restored from the checkpoint and must continue exactly.
     generator = torch.Generator().manual_seed(_seed_from(cfg['seed'], rank, start_step))
@@ -290,7 +348,8 @@ def make_dataset(cfg):
 # f_trigen stage: one canonical or novel training step (README §5)
 
 class _EncodeRender(torch.nn.Module):
-    """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step."""
+    """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step.
+    Under bf16 autocast only f_trigen runs in bf16: the field (f_dec) and the compositing stay float32."""
 
     def __init__(self, model):
         super().__init__()
@@ -298,7 +357,8 @@ class _EncodeRender(torch.nn.Module):
 
     def forward(self, rgbd, rays_o, rays_d, render_opts):
         planes = self.model.encode(rgbd)                        # (B, 3, C, H, W)
-        return self.model.render(planes, rays_o, rays_d, **render_opts)
+        with torch.autocast(device_type=planes.device.type, enabled=False):
+            return self.model.render(planes.float(), rays_o, rays_d, **render_opts)
 
 
 def _to_image(x, size):
@@ -314,17 +374,13 @@ def _at_render_size(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=True)
 
 
-def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
-    """Returns (total loss, dict of weighted terms, was_novel) for one step."""
+def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
+    """One micro-batch of step `step` (chunk: see draw_view). Returns (total loss, dict of weighted terms,
+    dict(novel=..., weights={term: weight applied})) ."""
     image = batch['image'].to(device, non_blocking=True) * 2 - 1      # (B, 3, S, S) in [-1, 1]
     depth = batch['depth'].to(device, non_blocking=True)              # (B, 1, S, S) scene units
     B, R = image.shape[0], cfg['render_size']
-    gen = torch.Generator().manual_seed(cfg['seed'] * 1_000_003 + step)  # same choice on every process
-    novel = bool(torch.rand((), generator=gen) < p_novel(step, cfg))
-    if novel:
-        yaw, pitch = novel_camera(step, B, cfg, gen)
-    else:                                                             # the canonical camera
-        yaw = pitch = torch.full((B,), math.pi / 2)
+    novel, yaw, pitch = draw_view(step, chunk, B, cfg)
     rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
     image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
     opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
@@ -336,24 +392,26 @@ def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
         out = net(torch.cat([image, depth], 1), rays_o, rays_d, opts)
     rgb = _to_image(out['rgb'].float(), R)                            # (B, 3, R, R) in [-1, 1]
     pred_depth = _to_image(out['depth'].float(), R)                   # (B, 1, R, R)
-    w = loss_weights(step, cfg)
+    w = term_weights(step, novel, cfg)
+    # a perceptual term is computed when it has a weight and its backbone was loaded (see load_perceptual)
+    w = {k: v for k, v in w.items() if k not in ('vgg', 'clip') or (v and perceptual.get(k) is not None)}
     terms = {}
     if not novel:
-        terms['rgb'] = cfg['w_rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
-        terms['depth'] = cfg['w_depth'] * depth_loss(pred_depth, depth_r)
-        if w['vgg'] and perceptual.get('vgg') is not None:
+        terms['rgb'] = w['rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
+        terms['depth'] = w['depth'] * depth_loss(pred_depth, depth_r)
+        if 'vgg' in w:
             terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(0, 1, 2, 3, 4))
-        if w['clip'] and perceptual.get('clip') is not None:
+        if 'clip' in w:
             terms['clip'] = w['clip'] * perceptual['clip'](rgb, image_r)
     else:
         # Novel views get no pixels: CLIP and deep VGG features keep the input's semantics, TV keeps depth smooth.
-        if cfg['w_clip_novel'] and perceptual.get('clip') is not None:
-            terms['clip'] = cfg['w_clip_novel'] * perceptual['clip'](rgb, image_r)
-        if cfg['w_vgg_novel'] and perceptual.get('vgg') is not None:
-            terms['vgg'] = cfg['w_vgg_novel'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
-        terms['tv'] = cfg['w_tv_novel'] * tv_loss(pred_depth)
+        if 'clip' in w:
+            terms['clip'] = w['clip'] * perceptual['clip'](rgb, image_r)
+        if 'vgg' in w:
+            terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
+        terms['tv'] = w['tv'] * tv_loss(pred_depth)
     terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
-    return sum(terms.values()), terms, novel
+    return sum(terms.values()), terms, dict(novel=novel, weights=w)
 
 
 def load_perceptual(cfg, device, rank):
@@ -370,7 +428,7 @@ def load_perceptual(cfg, device, rank):
         logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
         try:
             if name == 'vgg':
-                module = losses.VGGPerceptual(pretrained=True, calibration_path=cfg['lpips_weights'] or None,
+                module = losses.VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
                                               download=download)
             else:
                 module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
@@ -499,19 +557,36 @@ def trigen_grid(model, batch, cfg, device, path):
 
 # -----------------------------------------------------------------------------
 
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        use_cuda = torch.cuda.is_available() and cfg['device'] != 'cpu'
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        device = f'cuda:{local_rank}' if use_cuda else 'cpu'
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+def _device(cfg):
+    """The device asked for. 'auto' is the GPU, or the CPU for synthetic runs only: an ImageNet run on the CPU
+    (about 85 s a step at paper size) has to be asked for with --device cpu."""
     device = cfg['device']
     if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if torch.cuda.is_available():
+            return 'cuda'
+        if cfg['dataset'] == 'imagenet':
+            raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
+                              "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
+        return 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available in this torch install")
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process. Each process
+    makes its own GPU the current one and touches no other."""
+    device = _device(cfg)
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        use_cuda = device.startswith('cuda')
+        if use_cuda:
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    if device.startswith('cuda'):
+        torch.cuda.set_device(torch.device(device))
     return 0, 1, device
 
 
@@ -538,7 +613,7 @@ def rgbd_losses(net, batch, step, cfg, device, autocast):
     labels = batch['label'].to(device)
     with autocast():
         loss = diffusion.diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
-    return loss, {'diffusion': loss}, False
+    return loss, {'diffusion': loss}, {}
 
 
 @torch.no_grad()
@@ -558,7 +633,7 @@ def rgbd_grid(model, num_classes, cfg, device, path):
 
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
-        print_help()
+        print_help(argv)
         return None
     cfg = parse_config(argv)
     out_dir = cfg['out_dir']
@@ -568,9 +643,11 @@ def main(argv):
         if not os.path.exists(ckpt_path):
             raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path, trust=cfg['trust_checkpoint'])
-        # the run's own config, with this command line's overrides on top (trust is never inherited)
+        # the run's own config, with this command line's overrides on top (trust is never inherited; a run
+        # saved before a key existed gets that key from its recipe)
         saved = {k: v for k, v in ckpt['config'].items() if k != 'trust_checkpoint'}
-        cfg = parse_config(argv, base=dict(config, **saved))
+        cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset'], '--stage', saved['stage']]),
+                                           **saved))
         if ckpt.get('stage', 'trigen') != cfg['stage']:
             raise ConfigError(f"{ckpt_path} is a --stage {ckpt.get('stage')} checkpoint, not --stage {cfg['stage']}")
         if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
@@ -584,25 +661,29 @@ def main(argv):
     np.random.seed(cfg['seed'] + rank)
     random.seed(cfg['seed'] + rank)
     use_cuda = str(device).startswith('cuda')
-    if use_cuda:
+    accumulation = accumulation_steps(cfg, world_size)
+    # float32 (torch's defaults, as released) or the bf16 opt-in: autocast of f_trigen (or the f_rgbd denoiser)
+    # with TF32 matmuls; f_dec, the compositing and the loss backbones stay float32 (_EncodeRender, losses.py)
+    amp_dtype = DTYPES[cfg['dtype']]
+    if amp_dtype is not None:
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp_dtype = {'bfloat16': torch.bfloat16, 'float16': torch.float16}.get(cfg['dtype'])
-    if use_cuda and amp_dtype is not None:
+
         def autocast():
-            return torch.autocast(device_type='cuda', dtype=amp_dtype)
+            return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
     else:
-        from contextlib import nullcontext as autocast
+        autocast = contextlib.nullcontext
 
     dataset = make_dataset(cfg)
     model, net = build_model(cfg)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
                                  weight_decay=cfg['weight_decay'])
-    # One-cycle: warm up from lr/25 over 2% of the steps, then cosine-anneal. Betas stay fixed.
+    # One-cycle: warm up from lr/25 over 2% of the steps, then cosine-anneal. With cycle_beta1 (released), Adam's
+    # beta1 moves the other way, 0.95 -> 0.85 at the peak lr -> 0.95 (torch's defaults, which the release keeps).
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg['lr'], total_steps=cfg['max_steps'],
                                                     pct_start=cfg['warmup_frac'], div_factor=cfg['div_factor'],
-                                                    cycle_momentum=False)
+                                                    cycle_momentum=cfg['cycle_beta1'], base_momentum=0.85,
+                                                    max_momentum=0.95)
     start_step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt['model'])
@@ -621,10 +702,10 @@ def main(argv):
     if cfg['stage'] == 'trigen':
         perceptual = load_perceptual(cfg, device, rank)
 
-        def step_fn(batch, step):
-            return trigen_losses(net, batch, step, cfg, perceptual, device, autocast)
+        def step_fn(batch, step, chunk):
+            return trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast)
     else:
-        def step_fn(batch, step):
+        def step_fn(batch, step, chunk):
             return rgbd_losses(net, batch, step, cfg, device, autocast)
 
     if rank == 0:
@@ -635,7 +716,8 @@ def main(argv):
                 os.remove(os.path.join(out_dir, name))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg['stage']} | {cfg['dataset']} ({len(dataset)} items) | {n_params / 1e6:.2f}M parameters | "
-              f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} | out {out_dir}", flush=True)
+              f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} of {cfg['global_batch']} images "
+              f"({cfg['batch_size']} x {world_size} x {accumulation} accumulated) | out {out_dir}", flush=True)
     # a fixed batch for the picture grids: held-out scenes on synthetic data, the first images otherwise
     if cfg['dataset'] == 'synthetic':
         import scenes
@@ -661,21 +743,35 @@ def main(argv):
 
     from tqdm import tqdm
     pbar = tqdm(total=cfg['max_steps'], initial=start_step, disable=rank != 0, dynamic_ncols=True, smoothing=0.1)
-    loader = make_loader(dataset, cfg, rank, world_size, start_step)
+    batches = iter(make_loader(dataset, cfg, rank, world_size, start_step, accumulation))
     bad_in_row, t_last = 0, time.time()
-    for step, batch in zip(range(start_step, cfg['max_steps']), loader):
+    for step in range(start_step, cfg['max_steps']):
         net.train()
-        loss, terms, novel = step_fn(batch, step)
-        # A non-finite loss or gradient never reaches the weights: every process agrees to skip (or stop).
-        ok = torch.isfinite(loss.detach()).float()
-        if world_size > 1:
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         optimizer.zero_grad(set_to_none=True)
-        if ok.item() == 1:
-            loss.backward()
+        # Gradient accumulation (as nanoGPT): `accumulation` micro-batches per process, each loss divided by
+        # their number, so the step's gradient is the mean over all global_batch images. DDP averages over the
+        # processes once, on the last micro-batch; the others run under no_sync.
+        # A non-finite loss or gradient never reaches the weights: every process agrees to skip (or stop).
+        ok, views = True, []
+        for micro in range(accumulation):
+            batch = next(batches)  # consumed even when the step is being skipped, so the data stays in step
+            if not ok:
+                continue
+            loss, terms, info = step_fn(batch, step, micro * world_size + rank)
+            finite = torch.isfinite(loss.detach()).float()
+            if world_size > 1:
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() != 1:
+                ok = False
+                continue
+            last = micro == accumulation - 1
+            with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
+                (loss / accumulation).backward()
+            views.append(dict(loss=loss.item(), **info, **{k: v.item() for k, v in terms.items()}))
+        if ok:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-            ok = torch.isfinite(grad_norm).float()  # gradients are already synchronised here
-        if ok.item() == 1:
+            ok = bool(torch.isfinite(grad_norm))  # gradients are already synchronised here
+        if ok:
             optimizer.step()
             bad_in_row = 0
         else:
@@ -686,17 +782,22 @@ def main(argv):
                                          f"the last good checkpoint is {ckpt_path}")
             if rank == 0:
                 tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
+        lr, beta1 = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['betas'][0]  # this step's
         scheduler.step()
         done = step + 1
         pbar.update(1)
         if rank == 0:
-            values = {k: v.item() for k, v in terms.items()}
-            postfix = dict(view='novel' if novel else 'canonical') if cfg['stage'] == 'trigen' else {}
-            pbar.set_postfix(loss=f"{loss.item():.4f}", **postfix, refresh=False)
+            mean_loss = sum(v['loss'] for v in views) / len(views) if views else float('nan')
+            postfix = {}
+            if cfg['stage'] == 'trigen':
+                postfix['novel'] = f"{sum(v['novel'] for v in views)}/{accumulation}"
+            pbar.set_postfix(loss=f"{mean_loss:.4f}", **postfix, refresh=False)
             if done % cfg['log_every'] == 0 or done == cfg['max_steps']:
                 now = time.time()
-                record = dict(step=done, loss=loss.item(), novel=novel, lr=scheduler.get_last_lr()[0],
-                              sec_per_step=(now - t_last) / cfg['log_every'], **values)
+                # loss: this process's mean over its micro-batches; views: each micro-batch's terms (weighted),
+                # and for f_trigen whether it was novel and the weights its terms were applied with
+                record = dict(step=done, loss=mean_loss, lr=lr, beta1=beta1,
+                              sec_per_step=(now - t_last) / cfg['log_every'], views=views)
                 t_last = now
                 with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
                     f.write(json.dumps(record) + '\n')
