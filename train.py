@@ -44,6 +44,7 @@ config = dict(
     model_size=None,         # 'small' or 'paper' (see model.MODEL_PRESETS)
     image_size=None,         # side of the training images
     projection=None,         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
+    levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
     # optimisation (Adam + one-cycle, README §5)
     max_steps=None,
     batch_size=None,         # per process
@@ -59,12 +60,15 @@ config = dict(
     render_size=None,        # rays per side of the rendered training views
     n_coarse=None,
     n_fine=None,
+    canonical_rays=None,     # canonical steps render 'grid' (the whole image at render_size, released) or
+                             # 'random' (render_size^2 random pixels of the full-resolution image; steps
+                             # with a canonical VGG/CLIP term, which need an image, use the grid)
     depth_guided_prob=0.4,   # canonical steps: P(fine samples placed around the ground-truth depth)
     rescale_s1=1.25,         # gradient-rescaling kernel k(x, t) = clamp(s1 exp(-(x-t)^2/s2), c_min, c_max)
     rescale_s2=0.03,
     rescale_cmin=None,       # released 0.05; the short CPU recipe lets far densities decay faster (0.3)
     rescale_cmax=1.0,
-    gradient_rescaling=True,  # the paper's depth regularisation (Sec. 3.2) on canonical steps
+    gradient_rescaling=True,  # the paper's gradient rescaling (Sec. 3.2) on canonical steps
     # losses (README §5); image terms compare images in [-1, 1]
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
@@ -75,6 +79,7 @@ config = dict(
     w_vgg_novel=2.0,         # novel views, deepest two VGG levels only
     w_tv_novel=0.1,
     w_opacity=1.0,           # rises linearly from 0 over the first opacity_ramp of training
+    novel_opacity=None,      # the opacity term on novel steps too (released: True)
     opacity_ramp=0.5,
     perceptual_start=0.5,    # fraction of training after which w_vgg and w_clip switch on
     clip_model='ViT-B-16',
@@ -105,13 +110,15 @@ RECIPES = {
     # The released recipe (README §5): 6 GPUs x batch 8, 300k steps.
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, batch_size=8,
                      lr=5e-5, render_size=128, n_coarse=32, n_fine=32, rescale_cmin=0.05, sample_every=2000,
-                     save_every=2000, num_workers=8, num_scenes=0, rgbd_size='paper'),
+                     save_every=2000, num_workers=8, num_scenes=0, rgbd_size='paper', canonical_rays='grid',
+                     novel_opacity=True),
     # The same recipe scaled down to a laptop CPU: a small model, 64 x 64 images rendered at 32 x 32, the
     # corrected projection, and c_min = 0.3 so that densities in front of the surface decay within 1200 steps
     # rather than 300k (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3).
     'synthetic': dict(model_size='small', image_size=64, projection='yz', max_steps=1200, batch_size=4,
                       lr=2e-3, render_size=32, n_coarse=16, n_fine=16, rescale_cmin=0.3, sample_every=250,
-                      save_every=250, num_workers=0, num_scenes=20_000, rgbd_size='small'),
+                      save_every=250, num_workers=0, num_scenes=20_000, rgbd_size='small', canonical_rays='random',
+                      novel_opacity=False),
 }
 
 # --stage rgbd (the f_rgbd diffusion model) takes these first. On the CPU it learns at 32 x 32, where a
@@ -308,6 +315,21 @@ def _at_render_size(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=True)
 
 
+def _random_canonical_rays(image, depth, n_rays, generator):
+    """n_rays random pixels per item of the full-resolution canonical view, instead of the whole view
+    at render_size: the same work per step, but every pixel (and so all of the image's detail) can be
+    learned. image (B, 3, S, S), depth (B, 1, S, S) -> rays_o, rays_d (B, n, 3) and the pixels' rgb
+    (B, n, 3) and depth (B, n, 1)."""
+    B, S = image.shape[0], image.shape[-1]
+    idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, n)
+    canonical = torch.full((B,), math.pi / 2)
+    rays_o, rays_d = get_rays(orbit_camera(canonical, canonical).to(image.device), 18.0, S)   # (B, S*S, 3)
+
+    def take(x):  # (B, S*S, K) -> (B, n, K), ray index = row * S + col
+        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return take(rays_o), take(rays_d), take(image.flatten(2).transpose(1, 2)), take(depth.flatten(2).transpose(1, 2))
+
+
 def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
     """Returns (total loss, dict of weighted terms, was_novel) for one step."""
     image = batch['image'].to(device, non_blocking=True) * 2 - 1      # (B, 3, S, S) in [-1, 1]
@@ -319,18 +341,26 @@ def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
         yaw, pitch = novel_camera(step, B, cfg, gen)
     else:                                                             # the canonical camera
         yaw = pitch = torch.full((B,), math.pi / 2)
-    rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
-    image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
+    w = loss_weights(step, cfg)
+    image_terms = (w['vgg'] and perceptual.get('vgg') is not None) or (w['clip'] and perceptual.get('clip') is not None)
+    if not novel and cfg['canonical_rays'] == 'random' and not image_terms:
+        rays_o, rays_d, image_r, depth_r = _random_canonical_rays(image, depth, R * R, gen)  # (B, R*R, K) each
+        as_image = lambda x: x                                        # per-ray losses need no image
+    else:
+        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
+        image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
+        as_image = lambda x: _to_image(x, R)                          # (B, R*R, K) -> (B, K, R, R)
     opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
-    if not novel and cfg['gradient_rescaling']:
-        # Sec. 3.2: gradient rescaling + depth-guided fine samples around the ground-truth depth
-        opts.update(surface_depth=depth_r.flatten(2).transpose(1, 2), depth_guided_prob=cfg['depth_guided_prob'],
-                    s1=cfg['rescale_s1'], s2=cfg['rescale_s2'], c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
+    if not novel:
+        # Sec. 3.2: gradient rescaling + depth-guided fine samples around the ground-truth depth (each
+        # can be switched off on its own: gradient_rescaling=False, depth_guided_prob=0)
+        surface = depth_r if depth_r.dim() == 3 else depth_r.flatten(2).transpose(1, 2)  # (B, R*R, 1)
+        opts.update(surface_depth=surface, depth_guided_prob=cfg['depth_guided_prob'],
+                    grad_rescale=cfg['gradient_rescaling'], s1=cfg['rescale_s1'], s2=cfg['rescale_s2'], c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
     with autocast():
         out = net(torch.cat([image, depth], 1), rays_o, rays_d, opts)
-    rgb = _to_image(out['rgb'].float(), R)                            # (B, 3, R, R) in [-1, 1]
-    pred_depth = _to_image(out['depth'].float(), R)                   # (B, 1, R, R)
-    w = loss_weights(step, cfg)
+    rgb = as_image(out['rgb'].float())                                # (B, 3, R, R) or (B, R*R, 3), in [-1, 1]
+    pred_depth = as_image(out['depth'].float())                       # (B, 1, R, R) or (B, R*R, 1)
     terms = {}
     if not novel:
         terms['rgb'] = cfg['w_rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
@@ -346,7 +376,8 @@ def trigen_losses(net, batch, step, cfg, perceptual, device, autocast):
         if cfg['w_vgg_novel'] and perceptual.get('vgg') is not None:
             terms['vgg'] = cfg['w_vgg_novel'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
         terms['tv'] = cfg['w_tv_novel'] * tv_loss(pred_depth)
-    terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
+    if not novel or cfg['novel_opacity']:
+        terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
     return sum(terms.values()), terms, novel
 
 
@@ -475,7 +506,8 @@ def build_model(cfg):
     if cfg['init_from']:
         model = G3DR.from_official(cfg['init_from']) if cfg['init_official'] else G3DR.from_checkpoint(cfg['init_from'])
     else:
-        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection']))
+        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
+                          levels=cfg['levels']))
     return model, _EncodeRender(model)
 
 
