@@ -52,7 +52,7 @@ config = dict(
     beta1=0.9,
     beta2=0.99,
     weight_decay=0.0,
-    warmup_frac=0.02,        # one-cycle warm-up, fraction of max_steps
+    warmup_frac=None,        # one-cycle warm-up, fraction of max_steps (released 0.02)
     div_factor=25.0,         # one-cycle start lr = lr / div_factor
     grad_clip=1.0,           # 0 disables
     nonfinite='skip',        # on a NaN/inf loss: 'skip' the step (stop after 20 in a row) or 'stop'
@@ -86,7 +86,7 @@ config = dict(
     clip_pretrained='openai',
     lpips_weights='',        # optional file with LPIPS' learned channel weights (vgg.pth layout)
     # novel views (README §5)
-    p_novel_max=0.4,         # P(novel) = min(p_novel_max, 2 step / max_steps)
+    p_novel_max=None,        # P(novel) = min(p_novel_max, 2 step / max_steps) (released 0.4)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
     yaw_div_end=6.0,
     yaw_curriculum=1 / 3,    # ... over this fraction of training
@@ -111,14 +111,24 @@ RECIPES = {
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, batch_size=8,
                      lr=5e-5, render_size=128, n_coarse=32, n_fine=32, rescale_cmin=0.05, sample_every=2000,
                      save_every=2000, num_workers=8, num_scenes=0, rgbd_size='paper', canonical_rays='grid',
-                     novel_opacity=True),
-    # The same recipe scaled down to a laptop CPU: a small model, 64 x 64 images rendered at 32 x 32, the
-    # corrected projection, and c_min = 0.3 so that densities in front of the surface decay within 1200 steps
-    # rather than 300k (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3).
+                     novel_opacity=True, warmup_frac=0.02, p_novel_max=0.4),
+    # The same recipe scaled down to a laptop CPU (each deviation and its measured effect: README "The
+    # synthetic recipe"):
+    # * a small model, 64 x 64 images, the corrected projection, batch 4, 16 + 16 samples;
+    # * c_min = 0.3 so that densities in front of the surface decay within 1200 steps rather than 300k
+    #   (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3);
+    # * canonical steps render 32 x 32 = 1024 random pixels of the full 64 x 64 image rather than the image
+    #   downsampled to 32 x 32: the same work, but the 64 x 64 detail is learned;
+    # * lr 1e-3 with a 10% warm-up (2e-3 with 2% let short runs collapse: a 60-step run ended at 4.8 dB);
+    # * no opacity term on novel steps: without VGG/CLIP weights (not available offline) it was a novel step's
+    #   only strong term, and it pushes f_dec's biases, hence density everywhere (outside the box too), up:
+    #   the 60-step run above went fully opaque and black between steps 10 and 20;
+    # * P(novel) at most 0.1: with that term gone a novel step carries only 0.1 TV(depth), ~1e-4, so it
+    #   teaches almost nothing; with VGG/CLIP weights cached pass --p_novel_max 0.4 --novel_opacity true.
     'synthetic': dict(model_size='small', image_size=64, projection='yz', max_steps=1200, batch_size=4,
-                      lr=2e-3, render_size=32, n_coarse=16, n_fine=16, rescale_cmin=0.3, sample_every=250,
+                      lr=1e-3, render_size=32, n_coarse=16, n_fine=16, rescale_cmin=0.3, sample_every=250,
                       save_every=250, num_workers=0, num_scenes=20_000, rgbd_size='small', canonical_rays='random',
-                      novel_opacity=False),
+                      novel_opacity=False, warmup_frac=0.1, p_novel_max=0.1),
 }
 
 # --stage rgbd (the f_rgbd diffusion model) takes these first. On the CPU it learns at 32 x 32, where a
