@@ -230,6 +230,7 @@ def add_ablate_args(p):
     p.add_argument("--out_dir", default="out-ablate", help="runs, ablate.json and ablate.md go here; finished "
                    "runs (with an eval.json) are reused, so an interrupted table continues where it stopped")
     p.add_argument("--extra", default="", help="more train.py overrides for every run, e.g. '--n_coarse 8'")
+    p.add_argument("--eval_extra", default="", help="more sample.py --eval options, e.g. '--n_coarse 32 --n_fine 32'")
 
 
 def _run_script(argv, log_path):
@@ -270,7 +271,8 @@ def bench_ablate(args):
                          "--sample_every", str(args.steps), "--save_every", str(args.steps)]
                         + ABLATIONS[name] + args.extra.split(), os.path.join(run_dir, "train.log"))
             _run_script(["sample.py", "--eval", "--ckpt", os.path.join(run_dir, "ckpt.pt"),
-                         "--eval_scenes", str(args.eval_scenes)], os.path.join(run_dir, "eval.log"))
+                         "--eval_scenes", str(args.eval_scenes)] + args.eval_extra.split(),
+                        os.path.join(run_dir, "eval.log"))
         with open(eval_path) as f:
             results[name].append(json.load(f))
     table = {}
