@@ -7,6 +7,7 @@ Benchmarks. One subcommand per benchmark, each printing one table:
     python bench.py train --size paper           # the released recipe's step (f_trigen 147M, 128 x 128)
     python bench.py gpu                          # the one-shot device check of a new GPU (gpu_check.py)
     python bench.py gpu --device cpu --size tiny # the same rows on the CPU, in seconds
+    python bench.py ablate                       # the paper's ablations trained and scored on the synthetic scenes
 
 Timings on a shared machine are noisy: the table shows the load average next to the numbers.
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
@@ -221,10 +222,109 @@ def bench_gpu(args):
     sys.exit(gpu_check.run(args))
 
 
+# --- ablate ----------------------------------------------------------------------------------
+
+# The paper's claims, tested on the synthetic scenes' ground truth: each variant is the default
+# synthetic recipe of train.py with these overrides.
+ABLATIONS = {
+    "full recipe": [],
+    "no gradient rescaling (Sec. 3.2)": ["--gradient_rescaling", "false"],
+    "no depth-guided samples (Sec. 3.2)": ["--depth_guided_prob", "0"],
+    "no depth loss": ["--w_depth", "0"],
+    "single-resolution sampling, 1 level (Sec. 3.3)": ["--levels", "1"],
+    "'official' projection (no y-z plane)": ["--projection", "official"],
+    "no novel steps": ["--p_novel_max", "0"],
+}
+ABLATION_COLUMNS = ["psnr_canonical", "psnr_novel", "depth_mae_novel", "nfs", "psnr_canonical_mean",
+                    "psnr_novel_static", "psnr_novel_warp", "depth_mae_novel_static"]
+
+
+def add_ablate_args(p):
+    p.add_argument("--steps", type=int, default=300, help="training steps per run (the schedules scale with it)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one run per seed and variant")
+    p.add_argument("--eval_scenes", type=int, default=8, help="held-out scenes per run (seed + 1, as sample.py)")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants, by number (0 = full)")
+    p.add_argument("--out_dir", default="out-ablate", help="runs, ablate.json and ablate.md go here; finished "
+                   "runs (with an eval.json) are reused, so an interrupted table continues where it stopped")
+    p.add_argument("--extra", default="", help="more train.py overrides for every run, e.g. '--n_coarse 8'")
+    p.add_argument("--eval_extra", default="", help="more sample.py --eval options, e.g. '--n_coarse 32 --n_fine 32'")
+
+
+def _run_script(argv, log_path):
+    import subprocess
+    with open(log_path, "w") as log:
+        r = subprocess.run([sys.executable] + argv, stdout=log, stderr=subprocess.STDOUT,
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode != 0:
+        raise SystemExit(f"error: {' '.join(argv[:2])} failed, see {log_path}")
+
+
+def _write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def bench_ablate(args):
+    """Train every variant of ABLATIONS for the same steps on the same scenes (one run per seed),
+    score each with `sample.py --eval` and write a markdown table and a JSON file."""
+    import json
+    from tqdm import tqdm
+    names = list(ABLATIONS)
+    if args.variants:
+        names = [names[int(i)] for i in args.variants]
+    os.makedirs(args.out_dir, exist_ok=True)
+    runs = [(name, seed) for name in names for seed in args.seeds]
+    results = {name: [] for name in names}
+    t_start = time.time()
+    for name, seed in tqdm(runs, desc="ablate"):
+        run_dir = os.path.join(args.out_dir, f"v{list(ABLATIONS).index(name)}_seed{seed}")
+        eval_path = os.path.join(run_dir, "eval.json")
+        if not os.path.exists(eval_path):
+            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # an unfinished run: start it again
+                os.remove(os.path.join(run_dir, "ckpt.pt"))
+            os.makedirs(run_dir, exist_ok=True)
+            _run_script(["train.py", "--max_steps", str(args.steps), "--seed", str(seed), "--out_dir", run_dir,
+                         "--sample_every", str(args.steps), "--save_every", str(args.steps)]
+                        + ABLATIONS[name] + args.extra.split(), os.path.join(run_dir, "train.log"))
+            _run_script(["sample.py", "--eval", "--ckpt", os.path.join(run_dir, "ckpt.pt"),
+                         "--eval_scenes", str(args.eval_scenes)] + args.eval_extra.split(),
+                        os.path.join(run_dir, "eval.log"))
+        with open(eval_path) as f:
+            results[name].append(json.load(f))
+    table = {}
+    for name in names:
+        runs_ = results[name]
+        row = {}
+        for key in ABLATION_COLUMNS:
+            values = [r[key] for r in runs_]
+            row[key] = dict(mean=statistics.mean(values), half_range=(max(values) - min(values)) / 2, runs=values)
+        row["per_view_psnr"] = {view: statistics.mean(r["per_view"][view]["psnr"] for r in runs_)
+                                for view in runs_[0]["per_view"]}
+        table[name] = row
+    meta = dict(steps=args.steps, seeds=args.seeds, eval_scenes=args.eval_scenes, extra=args.extra,
+                overrides={n: ABLATIONS[n] for n in names}, wall_s=round(time.time() - t_start),
+                load_average=os.getloadavg())
+    _write_atomic(os.path.join(args.out_dir, "ablate.json"), json.dumps(dict(meta=meta, table=table), indent=2))
+    header = ["variant", "PSNR canonical", "PSNR novel", "depth err. novel", "NFS", "mean-colour image (canon.)",
+              "static (novel)", "warp (novel)", "static depth err."]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name in names:
+        cells = [f"{table[name][k]['mean']:.2f} ± {table[name][k]['half_range']:.2f}" if "psnr" in k or k == "nfs"
+                 else f"{table[name][k]['mean']:.3f} ± {table[name][k]['half_range']:.3f}" for k in ABLATION_COLUMNS]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    note = (f"\n{args.steps} steps per run, seeds {' '.join(map(str, args.seeds))} (held-out scenes: seed + 1, "
+            f"{args.eval_scenes} per run); mean ± half the range over the seeds. Baseline columns score the "
+            f"input itself on the same pixels. Wall time {meta['wall_s']} s.\n")
+    _write_atomic(os.path.join(args.out_dir, "ablate.md"), "\n".join(lines) + "\n" + note)
+    print("\n".join(lines) + "\n" + note)
+
+
 BENCHMARKS = {
     "render": (add_render_args, bench_render),
     "train": (add_train_args, bench_train),
     "gpu": (add_gpu_args, bench_gpu),
+    "ablate": (add_ablate_args, bench_ablate),
 }
 
 

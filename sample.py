@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import data
 from model import G3DR, load_checkpoint
 from scenes import SyntheticScenes
+from render import get_rays, orbit_camera
 
 
 def parse_args(argv):
@@ -140,37 +141,123 @@ def depth_mae(pred, true, mask):
     return ((pred - true).abs() * mask).sum().item() / max(1, mask.sum().item())
 
 
+def fill_holes(image, valid):
+    """Fill the pixels where `valid` (B, 1, H, W) is False: each pass gives every hole pixel that has
+    valid 8-neighbours their mean and marks it valid, until nothing is left to fill (a diffusion from
+    the hole's border inwards). image (B, K, H, W) -> filled image."""
+    image, valid = image * valid, valid.float()
+    kernel = torch.ones(1, 1, 3, 3, device=image.device)
+    while (valid < 1).any():
+        count = F.conv2d(valid, kernel, padding=1)                                    # (B, 1, H, W)
+        if not ((count > 0) & (valid < 1)).any():
+            break  # an image with no valid pixel at all stays zero
+        total = F.conv2d(image.flatten(0, 1)[:, None], kernel, padding=1).view_as(image)
+        grow = (count > 0) & (valid < 1)
+        image = torch.where(grow, total / count.clamp_min(1), image)
+        valid = torch.where(grow, torch.ones_like(valid), valid)
+    return image
+
+
+def forward_warp(image, depth, yaw, pitch, fov=18.0, radius=5.0):
+    """The input RGB-D view (canonical camera, README §2) moved into the orbit camera (yaw, pitch):
+    every input pixel is lifted to its 3D point (ray origin + depth * unit ray), projected into the
+    new camera and written to the nearest pixel there; where several land on one pixel the nearest
+    to the new camera wins (z-buffer). Pixels nothing lands on are filled by `fill_holes`.
+    image (B, K, S, S), depth (B, 1, S, S) -> warped image (B, K, S, S), its depth along the new rays
+    (B, 1, S, S) and the mask (B, 1, S, S) of pixels that received a point."""
+    B, K, S, _ = image.shape
+    dev = image.device
+    rays_o, rays_d = get_rays(orbit_camera(math.pi / 2, math.pi / 2, radius).to(dev).expand(B, 4, 4), fov, S)
+    points = rays_o + rays_d * depth.flatten(2).transpose(1, 2)                       # (B, S*S, 3)
+    cam2world = orbit_camera(yaw, pitch, radius).to(dev).expand(B, 4, 4)
+    rot, origin = cam2world[:, :3, :3], cam2world[:, :3, 3]
+    p_cam = torch.bmm(points - origin[:, None], rot)                                  # (B, S*S, 3), world -> camera
+    focal = 1 / math.tan(math.radians(fov) / 2)
+    in_front = p_cam[..., 2] < 0                                                      # the camera looks along -z
+    x = p_cam[..., 0] * focal / (-p_cam[..., 2]).clamp_min(1e-6)                     # image plane, [-1, 1] inside
+    y = p_cam[..., 1] * focal / (-p_cam[..., 2]).clamp_min(1e-6)
+    col = torch.round((x + 1) / 2 * (S - 1)).long()                                   # corner-inclusive grid
+    row = torch.round((1 - y) / 2 * (S - 1)).long()
+    ok = in_front & (col >= 0) & (col < S) & (row >= 0) & (row < S)                   # (B, S*S)
+    dist = (points - origin[:, None]).norm(dim=-1)                                    # depth along the new ray
+    target = torch.where(ok, row * S + col, S * S)                                    # S*S: a discard slot
+    zbuf = torch.full((B, S * S + 1), float('inf'), device=dev)
+    zbuf = zbuf.scatter_reduce(1, target, torch.where(ok, dist, torch.inf), reduce='amin')
+    wins = ok & (dist <= zbuf.gather(1, target))                                      # nearest point per pixel
+    target = torch.where(wins, target, S * S)
+    values = torch.cat([image.flatten(2).transpose(1, 2), dist[..., None]], -1)       # (B, S*S, K+1)
+    out = torch.zeros(B, S * S + 1, K + 1, device=dev)
+    out.scatter_(1, target[..., None].expand(-1, -1, K + 1), values)
+    hit = torch.zeros(B, S * S + 1, device=dev).scatter_(1, target, wins.float())[:, :-1] > 0
+    out = out[:, :-1].transpose(1, 2).reshape(B, K + 1, S, S)
+    hit = hit.view(B, 1, S, S)
+    warped = fill_holes(out, hit)
+    return warped[:, :K], warped[:, K:], hit
+
+
+def _view_name(dyaw, dpitch):
+    if dyaw == 0 and dpitch == 0:
+        return 'canonical'
+    return f"yaw{math.degrees(dyaw):+.0f}" if dpitch == 0 else f"pitch{math.degrees(dpitch):+.0f}"
+
+
 @torch.no_grad()
 def evaluate(model, args, device, seed, image_size):
+    """Model metrics on held-out scenes, and beside them baselines scored on the same pixels of the
+    same views: the input image left as it is (`static`), the input RGB-D forward-warped into the view
+    with its true depth (`warp`, see forward_warp) and, at the canonical view, a constant image of the
+    input's mean colour (`mean`). `per_view` holds every metric for each view."""
     import diffusion
     from tqdm import tqdm
     scenes = SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
     S = args.resolution or image_size
     opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
-    canon_psnr, canon_mae, novel_psnr, novel_mae, depths = [], [], [], [], []
+    views = [(0.0, 0.0)] + NOVEL_VIEWS
+    per_view = {_view_name(*v): {} for v in views}   # name -> metric -> list over scenes
+    depths = []
     for i in tqdm(range(len(scenes)), desc='eval'):
         item = scenes[i]
         image, depth = item['image'][None].to(device), item['depth'][None].to(device)
         planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
-        for k, (dyaw, dpitch) in enumerate([(0.0, 0.0)] + NOVEL_VIEWS):
+        # the input as seen at the evaluation resolution (the input itself when S = image_size)
+        input_rgb, input_depth = (x[None].to(device) for x in scenes.render_view(i, math.pi / 2, math.pi / 2, S))
+        for dyaw, dpitch in views:
             yaw, pitch = math.pi / 2 + dyaw, math.pi / 2 + dpitch
             true_rgb, true_depth = (x[None].to(device) for x in scenes.render_view(i, yaw, pitch, S))
             rgb, d = model.render_view(planes, yaw, pitch, S, **opts)
             # Novel views can look past the edge of the scene box, where the truth is empty (depth 0):
-            # score the pixels where there is something to see.
+            # every metric is over the pixels where there is something to see.
             valid = true_depth > 0                                        # (1, 1, S, S)
-            p = psnr((rgb + 1) / 2, true_rgb, valid).item()
-            mae = depth_mae(d, true_depth, valid)
-            (canon_psnr if k == 0 else novel_psnr).append(p)
-            (canon_mae if k == 0 else novel_mae).append(mae)
-            if k == 0:
+            m = dict(psnr=psnr((rgb + 1) / 2, true_rgb, valid).item(),
+                     depth_mae=depth_mae(d, true_depth, valid),
+                     psnr_static=psnr(input_rgb, true_rgb, valid).item(),
+                     depth_mae_static=depth_mae(input_depth, true_depth, valid))
+            warp_rgb, _, _ = forward_warp(input_rgb, input_depth, yaw, pitch)
+            m['psnr_warp'] = psnr(warp_rgb, true_rgb, valid).item()
+            if dyaw == 0 and dpitch == 0:
+                mean_rgb = input_rgb.mean((2, 3), keepdim=True).expand_as(input_rgb)
+                m['psnr_mean'] = psnr(mean_rgb, true_rgb, valid).item()
                 depths.append(d.cpu())
+            for key, value in m.items():
+                per_view[_view_name(dyaw, dpitch)].setdefault(key, []).append(value)
     mean = lambda v: sum(v) / len(v)
-    return dict(psnr_canonical=mean(canon_psnr), depth_mae_canonical=mean(canon_mae),
-                psnr_novel=mean(novel_psnr), depth_mae_novel=mean(novel_mae),
-                nfs=float(diffusion.non_flatness_score(torch.cat(depths))), scenes=len(scenes),
+    per_view = {name: {k: mean(v) for k, v in metrics.items()} for name, metrics in per_view.items()}
+    novel = [per_view[_view_name(*v)] for v in NOVEL_VIEWS]
+    novel_mean = lambda key: mean([v[key] for v in novel])
+    canonical = per_view['canonical']
+    return dict(psnr_canonical=canonical['psnr'], depth_mae_canonical=canonical['depth_mae'],
+                psnr_novel=novel_mean('psnr'), depth_mae_novel=novel_mean('depth_mae'),
+                nfs=float(diffusion.non_flatness_score(torch.cat(depths))),
+                psnr_novel_static=novel_mean('psnr_static'), psnr_novel_warp=novel_mean('psnr_warp'),
+                depth_mae_novel_static=novel_mean('depth_mae_static'), psnr_canonical_mean=canonical['psnr_mean'],
+                psnr_canonical_warp=canonical['psnr_warp'],
+                per_view=per_view, scenes=len(scenes),
                 novel_views=[[round(y, 4), round(p, 4)] for y, p in NOVEL_VIEWS], resolution=S,
-                samples=[args.n_coarse, args.n_fine], seed=seed)
+                samples=[args.n_coarse, args.n_fine], seed=seed,
+                baselines=dict(static='the input image / depth as the novel view',
+                               warp='input RGB-D forward-warped with its true depth (nearest pixel, z-buffer), '
+                                    'holes filled by repeated 3x3 means of filled neighbours',
+                               mean='a constant image of the input\'s mean colour'))
 
 
 @torch.no_grad()
@@ -207,7 +294,14 @@ def write_json(metrics, path):
 def print_table(rows):
     width = max(len(k) for k in rows)
     for k, v in rows.items():
+        if k in ('per_view', 'baselines'):
+            continue
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    if 'per_view' in rows:  # one row per view: model beside the baselines
+        keys = ['psnr', 'psnr_static', 'psnr_warp', 'psnr_mean', 'depth_mae', 'depth_mae_static']
+        print(f"{'view':<10}" + ''.join(f"{k:>17}" for k in keys))
+        for name, m in rows['per_view'].items():
+            print(f"{name:<10}" + ''.join(f"{m[k]:>17.3f}" if k in m else f"{'':>17}" for k in keys))
 
 
 # -----------------------------------------------------------------------------

@@ -80,10 +80,20 @@ def test_eval_writes_the_promised_metrics(small_ckpt):
     r = run('sample.py', '--eval', '--ckpt', small_ckpt, '--eval_scenes', 2, '--n_coarse', 8, '--n_fine', 8)
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((small_ckpt.parent / 'eval.json').read_text())
-    for key in ('psnr_canonical', 'depth_mae_canonical', 'psnr_novel', 'depth_mae_novel', 'nfs'):
+    for key in ('psnr_canonical', 'depth_mae_canonical', 'psnr_novel', 'depth_mae_novel', 'nfs', 'psnr_novel_static',
+                'psnr_novel_warp', 'depth_mae_novel_static', 'psnr_canonical_mean'):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key
         assert key in r.stdout
     assert 1 <= metrics['nfs'] <= 64
+    assert set(metrics['per_view']) == {'canonical', 'yaw-15', 'yaw+15', 'yaw-30', 'yaw+30', 'pitch-10', 'pitch+10'}
+    for name, view in metrics['per_view'].items():
+        assert {'psnr', 'depth_mae', 'psnr_static', 'psnr_warp', 'depth_mae_static'} <= set(view), name
+    # at the canonical view the input is the truth: leaving it (static) or warping it onto itself is exact
+    assert metrics['per_view']['canonical']['psnr_static'] >= 90
+    assert metrics['per_view']['canonical']['psnr_warp'] >= 60
+    assert metrics['per_view']['canonical']['depth_mae_static'] == 0
+    novel = [v for k, v in metrics['per_view'].items() if k != 'canonical']
+    assert abs(metrics['psnr_novel_static'] - sum(v['psnr_static'] for v in novel) / 6) < 1e-9
 
 
 def test_official_checkpoint_on_real_photos(tmp_path):
@@ -253,3 +263,53 @@ def test_generative_eval(rgbd_ckpt, tmp_path):
     for key in ('nfs_generated', 'nfs_heldout', 'nn_dist', 'ref_nn_dist', 'class_acc'):
         assert isinstance(metrics[key], float), key
     assert metrics['samples'] == 6
+
+
+# --- the warp baseline of --eval ---------------------------------------------------------------
+
+def test_warp_into_the_input_camera_reproduces_the_input():
+    import math
+    import data
+    import sample
+    scenes = data.SyntheticScenes(2, image_size=32, seed=3)
+    image, depth = scenes.render_views([0, 1], math.pi / 2, math.pi / 2)
+    warped, warped_depth, hit = sample.forward_warp(image, depth, math.pi / 2, math.pi / 2)
+    assert hit.all()  # every pixel lands on itself
+    torch.testing.assert_close(warped, image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(warped_depth, depth, atol=1e-4, rtol=0)
+
+
+def test_warp_moves_a_fronto_parallel_plane_where_the_camera_geometry_says():
+    import math
+    import sample
+    from render import get_rays, orbit_camera
+    S, fov, plane_x = 33, 18.0, 0.8
+    # a plane x = 0.8 seen by the canonical camera (at (-5, 0, 0), looking along +x)
+    rays_o, rays_d = get_rays(orbit_camera(math.pi / 2, math.pi / 2), fov, S)
+    depth = ((plane_x + 5) / rays_d[..., 0]).view(1, 1, S, S)
+    image = torch.zeros(1, 3, S, S)
+    image[0, 0, :, 16] = 1  # a red vertical line through the image centre: the points (0.8, y, 0)
+    yaw = math.pi / 2 + 0.3
+    warped, warped_depth, hit = sample.forward_warp(image, depth, yaw, math.pi / 2)
+    # where the new camera sees the point (0.8, 0, 0)
+    cam2world = orbit_camera(yaw, math.pi / 2)[0]
+    p = cam2world[:3, :3].T @ (torch.tensor([plane_x, 0.0, 0.0]) - cam2world[:3, 3])
+    col = round(float((p[0] / -p[2] / math.tan(math.radians(fov) / 2) + 1) / 2 * (S - 1)))
+    assert abs(col - 16) >= 3  # the camera moved enough for the line to move
+    assert warped[0, 0, 12:21, col].min() > 0.99        # the line is there ...
+    assert warped[0, 0, 12:21, 16].max() < 0.01         # ... and no longer at the centre
+    # depth along the new ray is the distance from the new camera
+    assert abs(float(warped_depth[0, 0, 16, col]) - float(p.norm())) < 0.05
+    assert hit.float().mean() > 0.8  # a plane seen slightly turned: few holes
+
+
+def test_fill_holes_spreads_valid_neighbours_inwards():
+    import sample
+    image = torch.zeros(1, 1, 5, 5)
+    image[..., 0] = 2.0                        # a left column of 2s, the rest a hole
+    valid = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    valid[..., 0] = True
+    filled = sample.fill_holes(image, valid)
+    torch.testing.assert_close(filled, torch.full_like(filled, 2.0))
+    valid[...] = False
+    assert sample.fill_holes(image, valid).abs().max() == 0  # nothing to spread: stays zero

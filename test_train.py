@@ -480,3 +480,31 @@ def test_rgbd_checkpoint_is_safe_and_resumes_exactly_also_from_the_older_format(
     for model in (resumed, resumed_older):
         for (k, a), b in zip(full.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), k
+
+
+# -----------------------------------------------------------------------------
+# canonical steps on random full-resolution pixels
+
+def test_random_canonical_rays_carry_their_own_pixels():
+    import scenes as scenes_module
+    scenes = scenes_module.SyntheticScenes(2, image_size=24, seed=5)
+    batch = scenes.__getitems__([0, 1])
+    batch = torch.utils.data.default_collate(batch) if isinstance(batch, list) else batch
+    image, depth = batch['image'], batch['depth']
+    gen = torch.Generator().manual_seed(0)
+    rays_o, rays_d, rgb, d = train._random_canonical_rays(image, depth, 50, gen)
+    assert rays_o.shape == rays_d.shape == rgb.shape == (2, 50, 3) and d.shape == (2, 50, 1)
+    # casting the true scenes along the chosen rays gives back exactly the pixels that came with them
+    true_rgb, true_depth, _ = scenes_module.raycast([scenes.scene(0), scenes.scene(1)], rays_o, rays_d)
+    torch.testing.assert_close(rgb, true_rgb, atol=1e-5, rtol=0)
+    torch.testing.assert_close(d[..., 0], true_depth, atol=1e-4, rtol=0)
+    # each item draws its own pixels, without repeats
+    assert len(set(map(tuple, rays_d[0].tolist()))) == 50
+    assert not torch.equal(rays_d[0], rays_d[1])
+
+
+def test_random_canonical_rays_only_where_no_image_term_needs_the_grid():
+    cfg = train.parse_config(['--max_steps', '10'])
+    assert cfg['canonical_rays'] == 'random' and cfg['novel_opacity'] is False
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x'])
+    assert cfg['canonical_rays'] == 'grid' and cfg['novel_opacity'] is True

@@ -50,16 +50,17 @@ config = dict(
     model_size='small',      # 'tiny', 'small' or 'paper' (see model.MODEL_PRESETS)
     image_size=64,           # side of the training images
     projection='yz',         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
+    levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
     # optimisation (Adam + one-cycle, README §5)
     max_steps=1200,
     global_batch=4,          # images per optimiser step over all processes: batch_size x processes x accumulation
     batch_size=4,            # per process and micro-step
-    lr=2e-3,
+    lr=1e-3,
     beta1=0.9,               # fixed unless cycle_beta1
     beta2=0.99,
     cycle_beta1=False,       # True: beta1 follows the one-cycle schedule, 0.95 -> 0.85 -> 0.95, as released
     weight_decay=0.0,
-    warmup_frac=0.02,        # one-cycle warm-up, fraction of max_steps
+    warmup_frac=0.1,         # one-cycle warm-up, fraction of max_steps (released 0.02)
     div_factor=25.0,         # one-cycle start lr = lr / div_factor
     grad_clip=1.0,           # gradient-norm clipping; 0 disables (released: none)
     nonfinite='skip',        # on a NaN/inf loss: 'skip' the step (stop after 20 in a row) or 'stop'
@@ -67,6 +68,9 @@ config = dict(
     render_size=32,          # rays per side of the rendered training views
     n_coarse=16,
     n_fine=16,
+    canonical_rays='random', # canonical steps render 'grid' (the whole image at render_size, as released) or
+                             # 'random' (render_size^2 random pixels of the full-resolution image; a step
+                             # with a canonical VGG/CLIP term, which needs an image, uses the grid)
     depth_guided_prob=0.4,   # canonical steps: P(fine samples placed around the ground-truth depth)
     rescale_s1=1.25,         # gradient-rescaling kernel k(x, t) = clamp(s1 exp(-(x-t)^2/s2), c_min, c_max)
     rescale_s2=0.03,
@@ -74,7 +78,7 @@ config = dict(
     # (with 0.05 the depth error is still ~1 scene unit after 200 steps, ~0.2 with 0.3)
     rescale_cmin=0.3,
     rescale_cmax=1.0,
-    gradient_rescaling=True,  # the paper's depth regularisation (Sec. 3.2) on canonical steps
+    gradient_rescaling=True,  # the paper's gradient rescaling (Sec. 3.2) on canonical steps
     # losses (README §5); image terms compare images in [-1, 1]
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
@@ -85,6 +89,7 @@ config = dict(
     w_vgg_novel=2.0,         # novel views, deepest two VGG levels only
     w_tv_novel=0.1,
     w_opacity=1.0,           # rises linearly from 0 over the first opacity_ramp of training
+    novel_opacity=False,     # the opacity term on novel steps too (released: True)
     opacity_ramp=0.5,
     perceptual_start=0.5,    # fraction of training after which w_vgg and w_clip switch on
     clip_model='ViT-B-16',
@@ -93,7 +98,7 @@ config = dict(
     # 'uniform' (all 1: the sum over channels, what the synthetic recipe was tuned with), or a vgg.pth file
     lpips_weights='uniform',
     # novel views (README §5)
-    p_novel_max=0.4,         # P(novel) = min(p_novel_max, 2 step / max_steps)
+    p_novel_max=0.1,         # P(novel) = min(p_novel_max, 2 step / max_steps) (released 0.4)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
     yaw_div_end=6.0,
     yaw_curriculum=1 / 3,    # ... over this fraction of training
@@ -121,7 +126,8 @@ RECIPES = {
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
                      batch_size=8, lr=5e-5, cycle_beta1=True, grad_clip=0.0, render_size=128, n_coarse=32,
                      n_fine=32, rescale_cmin=0.05, lpips_weights='lpips', sample_every=2000, save_every=2000,
-                     num_workers=8, num_scenes=0, rgbd_size='paper'),
+                     num_workers=8, num_scenes=0, rgbd_size='paper', canonical_rays='grid',
+                     novel_opacity=True, warmup_frac=0.02, p_novel_max=0.4),
 }
 
 # `--stage rgbd` (the f_rgbd diffusion model) puts these on top of the dataset's recipe. On the CPU it learns
@@ -266,8 +272,8 @@ def term_weights(step, novel, cfg):
     A perceptual term of weight 0 is not computed."""
     ramp = min(1.0, step / max(1.0, cfg['opacity_ramp'] * cfg['max_steps']))
     if novel:
-        return dict(clip=cfg['w_clip_novel'], vgg=cfg['w_vgg_novel'], tv=cfg['w_tv_novel'],
-                    opacity=cfg['w_opacity'] * ramp)
+        w = dict(clip=cfg['w_clip_novel'], vgg=cfg['w_vgg_novel'], tv=cfg['w_tv_novel'])
+        return dict(w, opacity=cfg['w_opacity'] * ramp) if cfg['novel_opacity'] else w
     late = step >= cfg['perceptual_start'] * cfg['max_steps']
     return dict(rgb=cfg['w_rgb'], depth=cfg['w_depth'], vgg=cfg['w_vgg'] if late else 0.0,
                 clip=cfg['w_clip'] if late else 0.0, opacity=cfg['w_opacity'] * ramp)
@@ -278,7 +284,7 @@ def draw_view(step, chunk, batch_size, cfg):
     own, so one step mixes both kinds. chunk = micro_step * world_size + rank numbers the step's micro-batches
     in the order of their images (StepBatchSampler), so one GPU accumulating 6 micro-batches draws what 6 GPUs
     draw; the draw depends only on (seed, step, chunk), so a resumed run continues exactly.
-    Returns (novel, yaw (B,), pitch (B,))."""
+    Returns (novel, yaw (B,), pitch (B,), the generator, for the micro-batch's other random draws)."""
     # torch's CPU generator keeps 32 bits of a seed; chunk k adds k x 0x9E3779B9 (a Weyl sequence), which keeps
     # every (step, chunk) distinct for runs under 20M steps of up to 100 micro-batches
     gen = torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + step + chunk * 0x9E3779B9) % 2 ** 32)
@@ -287,7 +293,7 @@ def draw_view(step, chunk, batch_size, cfg):
         yaw, pitch = novel_camera(step, batch_size, cfg, gen)
     else:                                                             # the canonical camera
         yaw = pitch = torch.full((batch_size,), math.pi / 2)
-    return novel, yaw, pitch
+    return novel, yaw, pitch, gen
 
 
 # -----------------------------------------------------------------------------
@@ -374,27 +380,49 @@ def _at_render_size(x, size):
     return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=True)
 
 
+def _random_canonical_rays(image, depth, n_rays, generator):
+    """n_rays random pixels per item of the full-resolution canonical view, instead of the whole view
+    at render_size: the same work per step, but every pixel (and so all of the image's detail) can be
+    learned. image (B, 3, S, S), depth (B, 1, S, S) -> rays_o, rays_d (B, n, 3) and the pixels' rgb
+    (B, n, 3) and depth (B, n, 1)."""
+    B, S = image.shape[0], image.shape[-1]
+    idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, n)
+    canonical = torch.full((B,), math.pi / 2)
+    rays_o, rays_d = get_rays(orbit_camera(canonical, canonical).to(image.device), 18.0, S)   # (B, S*S, 3)
+
+    def take(x):  # (B, S*S, K) -> (B, n, K), ray index = row * S + col
+        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+    return take(rays_o), take(rays_d), take(image.flatten(2).transpose(1, 2)), take(depth.flatten(2).transpose(1, 2))
+
+
 def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
     """One micro-batch of step `step` (chunk: see draw_view). Returns (total loss, dict of weighted terms,
     dict(novel=..., weights={term: weight applied})) ."""
     image = batch['image'].to(device, non_blocking=True) * 2 - 1      # (B, 3, S, S) in [-1, 1]
     depth = batch['depth'].to(device, non_blocking=True)              # (B, 1, S, S) scene units
     B, R = image.shape[0], cfg['render_size']
-    novel, yaw, pitch = draw_view(step, chunk, B, cfg)
-    rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
-    image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
-    opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
-    if not novel and cfg['gradient_rescaling']:
-        # Sec. 3.2: gradient rescaling + depth-guided fine samples around the ground-truth depth
-        opts.update(surface_depth=depth_r.flatten(2).transpose(1, 2), depth_guided_prob=cfg['depth_guided_prob'],
-                    s1=cfg['rescale_s1'], s2=cfg['rescale_s2'], c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
-    with autocast():
-        out = net(torch.cat([image, depth], 1), rays_o, rays_d, opts)
-    rgb = _to_image(out['rgb'].float(), R)                            # (B, 3, R, R) in [-1, 1]
-    pred_depth = _to_image(out['depth'].float(), R)                   # (B, 1, R, R)
+    novel, yaw, pitch, gen = draw_view(step, chunk, B, cfg)
     w = term_weights(step, novel, cfg)
     # a perceptual term is computed when it has a weight and its backbone was loaded (see load_perceptual)
     w = {k: v for k, v in w.items() if k not in ('vgg', 'clip') or (v and perceptual.get(k) is not None)}
+    if not novel and cfg['canonical_rays'] == 'random' and 'vgg' not in w and 'clip' not in w:
+        rays_o, rays_d, image_r, depth_r = _random_canonical_rays(image, depth, R * R, gen)  # (B, R*R, K) each
+        as_image = lambda x: x                                        # per-ray losses need no image
+    else:
+        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
+        image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
+        as_image = lambda x: _to_image(x, R)                          # (B, R*R, K) -> (B, K, R, R)
+    opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
+    if not novel:
+        # Sec. 3.2: gradient rescaling + depth-guided fine samples around the ground-truth depth (each
+        # can be switched off on its own: gradient_rescaling=False, depth_guided_prob=0)
+        surface = depth_r if depth_r.dim() == 3 else depth_r.flatten(2).transpose(1, 2)  # (B, R*R, 1)
+        opts.update(surface_depth=surface, depth_guided_prob=cfg['depth_guided_prob'],
+                    grad_rescale=cfg['gradient_rescaling'], s1=cfg['rescale_s1'], s2=cfg['rescale_s2'], c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
+    with autocast():
+        out = net(torch.cat([image, depth], 1), rays_o, rays_d, opts)
+    rgb = as_image(out['rgb'].float())                                # (B, 3, R, R) or (B, R*R, 3), in [-1, 1]
+    pred_depth = as_image(out['depth'].float())                       # (B, 1, R, R) or (B, R*R, 1)
     terms = {}
     if not novel:
         terms['rgb'] = w['rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
@@ -410,7 +438,8 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
         if 'vgg' in w:
             terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
         terms['tv'] = w['tv'] * tv_loss(pred_depth)
-    terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
+    if 'opacity' in w:
+        terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
     return sum(terms.values()), terms, dict(novel=novel, weights=w)
 
 
@@ -602,7 +631,8 @@ def build_model(cfg):
         load = G3DR.from_official if cfg['init_official'] else G3DR.from_checkpoint
         model = load(cfg['init_from'], trust=cfg['trust_checkpoint'])
     else:
-        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection']))
+        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
+                          levels=cfg['levels']))
     return model, _EncodeRender(model)
 
 
