@@ -316,7 +316,7 @@ def _load_clip(model_name, pretrained, cache_dir, download=True):
     except Exception as e:
         if not tag_cfg:
             raise ValueError(f"CLIPEmbeddingLoss: cannot load the weights file {pretrained} into open_clip model "
-                             f"{model_name!r} ({_one_line(e)}) (config keys clip_pretrained, clip_model)") from e
+                             f"{model_name!r} ({one_line(e)}) (config keys clip_pretrained, clip_model)") from e
         source, where = _clip_weights_help(model_name, pretrained, cache_dir)
         raise WeightsUnavailable(
             f"CLIPEmbeddingLoss: cannot load open_clip weights for model {model_name!r} with pretrained "

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import mesh
+from scenes import SyntheticScenes
 from model import G3DR, MODEL_PRESETS
 
 REPO = Path(__file__).resolve().parent
@@ -192,7 +192,7 @@ def _depth_map_mesh(scenes, index, S, shift=0.0):
 
 
 def test_accuracy_of_the_true_surface_is_near_zero_and_of_a_shifted_one_is_not():
-    scenes = data.SyntheticScenes(2, image_size=32, seed=1338)
+    scenes = SyntheticScenes(2, image_size=32, seed=1338)
     vertices, faces = _depth_map_mesh(scenes, 1, 96)
     completeness, precision = mesh.mesh_accuracy(vertices, faces, scenes, 1, resolution=96)
     assert completeness < 0.01 and precision < 0.01

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from model import G3DR, MODEL_PRESETS
+from scenes import SyntheticScenes
 from test_model import write_malicious_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -268,10 +269,8 @@ def test_generative_eval(rgbd_ckpt, tmp_path):
 # --- the warp baseline of --eval ---------------------------------------------------------------
 
 def test_warp_into_the_input_camera_reproduces_the_input():
-    import math
-    import data
     import sample
-    scenes = data.SyntheticScenes(2, image_size=32, seed=3)
+    scenes = SyntheticScenes(2, image_size=32, seed=3)
     image, depth = scenes.render_views([0, 1], math.pi / 2, math.pi / 2)
     warped, warped_depth, hit = sample.forward_warp(image, depth, math.pi / 2, math.pi / 2)
     assert hit.all()  # every pixel lands on itself
