@@ -46,7 +46,7 @@ SIZES = {
 }
 # train.py at tiny sizes, for the resume and DDP rows
 TRAIN_TINY = ["--model_size", "tiny", "--image_size", "16", "--render_size", "8", "--n_coarse", "4", "--n_fine", "4",
-              "--batch_size", "2", "--num_scenes", "8", "--sample_every", "1000", "--log_every", "1", "--w_vgg", "0",
+              "--batch_size", "2", "--global_batch", "2", "--num_scenes", "8", "--sample_every", "1000", "--log_every", "1", "--w_vgg", "0",
               "--w_vgg_novel", "0", "--w_clip", "0", "--w_clip_novel", "0"]
 RECIPE_STEPS, RECIPE_GPUS = 300_000, 6
 
@@ -269,17 +269,21 @@ def check_bf16_vs_fp32(ctx):
 
 
 def check_train_resume(ctx):
-    """train.py stopped after 3 of 5 steps (its loader cut there), then `train.py --resume` for 2 more."""
+    """train.py stopped right after its step-3 checkpoint (of 5 steps), then `train.py --resume` for 2 more."""
     out = Path(tempfile.mkdtemp(prefix="g3dr-check-")) / "run"
-    stop_after_3 = ("import itertools, sys, train\n"
-                    "make_loader = train.make_loader\n"
-                    "train.make_loader = lambda *a: itertools.islice(make_loader(*a), 3)\n"
+    stop_after_3 = ("import sys, train\n"
+                    "save = train.save_checkpoint\n"
+                    "def save_then_stop(path, state):\n"
+                    "    save(path, state)\n"
+                    "    if state['step'] == 3:\n"
+                    "        sys.exit(0)  # as if the run had been killed right after its step-3 checkpoint\n"
+                    "train.save_checkpoint = save_then_stop\n"
                     "train.main(sys.argv[1:])\n")
     _python(["-c", stop_after_3, *TRAIN_TINY, "--max_steps", "5", "--save_every", "3", "--device", ctx.args.device,
              "--out_dir", str(out)], ctx)
-    first = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    first = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     _python(["train.py", "--resume", "--out_dir", str(out)], ctx)
-    final = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    final = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps, losses_ok = [r["step"] for r in records], all(math.isfinite(r["loss"]) for r in records)
     ok = first == 3 and final == 5 and steps == [1, 2, 3, 4, 5] and losses_ok
@@ -350,9 +354,10 @@ def _step_setup(ctx, kind):
     import train
     s = ctx.size
     recipe = ["--dataset", "imagenet", "--data_dir", "-"] if s["preset"] == "paper" else \
-        ["--model_size", "tiny", "--image_size", "32"]
+        ["--model_size", "tiny", "--image_size", "32", "--canonical_rays", "grid", "--novel_opacity", "true"]
     argv = recipe + [f"--batch_size={s['batch']}", f"--render_size={s['render']}", f"--n_coarse={s['n_coarse']}",
-                     f"--n_fine={s['n_fine']}", "--max_steps=1000", f"--clip_model={s['clip']}"]
+                     f"--n_fine={s['n_fine']}", "--max_steps=1000", f"--clip_model={s['clip']}",
+                     f"--global_batch={s['batch']}"]
     if kind == "novel":  # P(novel) = 1 at the last step; VGG (2 levels) + CLIP + TV
         return train.parse_config(argv + ["--p_novel_max=1"]), 999
     return train.parse_config(argv + ["--p_novel_max=0", f"--depth_guided_prob={float(kind == 'guided')}"]), 0
@@ -370,8 +375,8 @@ def bench_step(ctx, dtype, kind, compile=False):
     _reset_memory(ctx)
 
     def full_step():
-        loss, _, novel = train.trigen_losses(net, batch, step, cfg, perceptual, ctx.device, autocast)
-        assert novel == (kind == "novel")
+        loss, _, info = train.trigen_losses(net, batch, step, 0, cfg, perceptual, ctx.device, autocast)
+        assert info["novel"] == (kind == "novel")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -415,7 +420,7 @@ def count_step_waits(ctx):
         batch = _images(ctx.size["batch"], model.config["image_size"])
 
         def full_step():
-            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, cfg, {}, ctx.device,
+            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, 0, cfg, {}, ctx.device,
                                              _autocast(ctx.device, "bf16"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -437,7 +442,7 @@ def largest_batch(ctx):
         batch = _images(B, model.config["image_size"])
         _reset_memory(ctx)
         try:
-            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, dict(cfg, batch_size=B), {},
+            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, 0, dict(cfg, batch_size=B), {},
                                              ctx.device, _autocast(ctx.device, "bf16"))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -456,7 +461,7 @@ def ddp_smoke(ctx):
     out = Path(tempfile.mkdtemp(prefix="g3dr-ddp-")) / "run"
     r = _python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *TRAIN_TINY,
                  "--max_steps", "2", "--save_every", "2", "--device", "cuda", "--out_dir", str(out)], ctx)
-    step = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     ok = step == 2 and "1 x cuda:0" in r.stdout
     return f"torchrun 1 process (nccl): exit 0, checkpoint at step {step}", "PASS" if ok else "FAIL"
 
