@@ -27,7 +27,7 @@ from plyfile import PlyData, PlyElement
 from scipy.spatial import cKDTree      # nearest neighbours for the accuracy metrics (scipy comes with PyMCubes)
 from tqdm import tqdm
 
-from data import atomic_write, save_grid
+from data import atomic_write, one_line, save_grid
 from model import make_field, sample_triplane, triplane_pyramid
 from render import get_rays, orbit_camera, render_rays
 from scenes import SyntheticScenes
@@ -494,5 +494,5 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)

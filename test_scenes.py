@@ -6,19 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataError
 from render import get_rays, orbit_camera
 from scenes import SHAPES, SyntheticScenes, raycast
-
-
-def _raises(match, fn, *args, **kwargs):
-    """fn raises DataError whose one-line message contains every string in `match`."""
-    with pytest.raises(DataError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert '\n' not in message, message
-    for part in match:
-        assert str(part) in message, (part, message)
+from test_data import _raises  # DataError with a one-line message naming every part
 
 
 # -----------------------------------------------------------------------------
