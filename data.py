@@ -355,10 +355,18 @@ def make_depth(src, dst, estimator, progress=True):
 
 
 def load_depth_estimator(model='DPT_Large', device='auto', repo='intel-isl/MiDaS'):
-    """load_midas with device 'auto' = CUDA when available."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return load_midas(model, device, repo)
+    """load_midas on resolve_device(device)."""
+    return load_midas(model, resolve_device(device), repo)
+
+
+def resolve_device(name):
+    """The device a `--device NAME` option means: 'auto' is the GPU when torch sees one, else the CPU; any
+    other name is returned as given, after checking that a CUDA one can be had (ValueError naming it)."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if str(name).startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available in this torch install")
+    return name
 
 
 # -----------------------------------------------------------------------------

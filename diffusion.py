@@ -7,7 +7,8 @@ in plain PyTorch, meant to be read top to bottom:
   2. noise schedule                 cosine_schedule (default), linear_schedule, q_sample
   3. training loss                  diffusion_loss (v-prediction, class dropout for guidance)
   4. sampler                        ddim_step, ddim_sample (DDIM with eta, classifier-free guidance)
-  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser
+  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser,
+                                    rgbd_losses and rgbd_grid (train.py --stage rgbd)
   6. generative metrics             non_flatness_score, sample_quality, FID plumbing
 
 Choices (each explained where it is implemented):
@@ -306,6 +307,32 @@ def load_denoiser(path, device='cpu', trust=False):
     state = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     net.load_state_dict(state)
     return net.to(device).eval()
+
+
+# --- `python train.py --stage rgbd`: one micro-batch's loss and the picture grid of the run
+
+def rgbd_losses(net, batch, step, cfg, device, autocast):
+    """The denoising loss of one micro-batch of RGB-D images (rgb and depth mapped to [-1, 1]); returns
+    (loss, {term: value}, {}) as train.py's f_trigen step does."""
+    x0 = rgbd_to_x(batch['image'].to(device), batch['depth'].to(device))   # (B, 4, S, S)
+    labels = batch['label'].to(device)
+    with autocast():
+        loss = diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
+    return loss, {'diffusion': loss}, {}
+
+
+@torch.no_grad()
+def rgbd_grid(model, num_classes, cfg, device, path):
+    """One row per class (up to 8): generated RGB beside its colourised depth."""
+    import data
+    k = min(num_classes, 8)
+    labels = torch.arange(k, device=device).repeat_interleave(2)
+    gen = torch.Generator(device=device).manual_seed(cfg['seed'])
+    x = ddim_sample(model, (len(labels), 4, cfg['image_size'], cfg['image_size']), labels, steps=50, generator=gen)
+    image, depth = x_to_rgbd(x)
+    cells = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
+    data.save_grid(cells, path, nrow=4)
+
 
 # -----------------------------------------------------------------------------
 # 6. Generative metrics (for `sample.py --eval`)

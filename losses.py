@@ -14,6 +14,7 @@ on first use, so a loss attached to the model by mistake adds nothing to `model.
 `model.state_dict()`.
 """
 import contextlib
+import logging
 import os
 
 import torch
@@ -395,3 +396,40 @@ class CLIPEmbeddingLoss(nn.Module):
             e_target = self.embed(target)  # (B, D)
         e_pred = self.embed(pred)  # (B, D)
         return (e_pred - e_target).abs().mean()
+
+
+# -----------------------------------------------------------------------------
+# the backbones of a training run
+
+def load_perceptual(cfg, device, rank):
+    """The frozen VGG16 / CLIP backbones a train.py run (config `cfg`) needs, by name. Synthetic runs use
+    them only when their pretrained weights are already in the local cache (no download: on a CPU they would
+    also cost more than the rest of the step) and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
+    fail when they cannot be had, unless the terms are turned off."""
+    perceptual, download = {}, cfg['dataset'] != 'synthetic'
+    wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
+    for name, needed in wanted.items():
+        if not needed:
+            continue
+        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
+        try:
+            if name == 'vgg':
+                module = VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
+                                              download=download)
+            else:
+                module = CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
+                                                  download=download)
+        except WeightsUnavailable as e:
+            if cfg['dataset'] != 'synthetic':
+                raise
+            if rank == 0:
+                off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
+                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
+                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
+                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
+                      flush=True)
+            continue
+        finally:
+            logging.disable(logging.NOTSET)
+        perceptual[name] = module.to(device)
+    return perceptual

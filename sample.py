@@ -336,7 +336,7 @@ def generate(args, device, out_dir):
 
 def main(argv):
     args = parse_args(argv)
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = data.resolve_device(args.device)
     torch.manual_seed(args.seed)
     if args.mesh or args.points:
         import mesh

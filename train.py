@@ -11,7 +11,6 @@ Every key of `config` below can be overridden as `--key value` or `--key=value`;
 """
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -22,10 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import atomic_write, one_line
-from losses import WeightsUnavailable, depth_loss, opacity_loss, recon_loss, tv_loss
+import diffusion
+from configurator import ConfigError, parse_overrides
+from data import one_line, resolve_device
+from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from model import load_checkpoint
 from render import get_rays, orbit_camera
+from resume import (make_loader, plain_state, prepare_out_dir, rng_states, save_checkpoint, set_rng_state,
+                    setup_distributed)
 
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line. The values below are the synthetic recipe (a
@@ -143,59 +146,10 @@ RGBD_RECIPES = {
 DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_trigen / the f_rgbd denoiser
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _parse_value(key, text, default):
-    """Turn a command-line string into the type of the key's default."""
-    if isinstance(default, bool):
-        if text.lower() in ('1', 'true', 'yes', 'on'):
-            return True
-        if text.lower() in ('0', 'false', 'no', 'off'):
-            return False
-        raise ConfigError(f"--{key} expects true/false, got {text!r}")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"--{key} expects an integer, got {text!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--{key} expects a number, got {text!r}") from None
-    return text
-
-
-def _parse_overrides(argv, base):
-    """`--key value` / `--key=value` -> {key: value typed like base[key]}."""
-    overrides, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith('--'):
-            raise ConfigError(f"unexpected argument {arg!r} (use --key value or --key=value)")
-        key, eq, value = arg[2:].partition('=')
-        key = key.replace('-', '_')
-        if key not in base:
-            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
-        if not eq:
-            if isinstance(base[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
-                value = 'true'  # a bare boolean flag: --resume
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise ConfigError(f"--{key} needs a value")
-        overrides[key] = _parse_value(key, value, base[key])
-        i += 1
-    return overrides
-
-
 def _resolve(argv, base=None):
     """config, then the dataset's recipe, then the stage's, then the command line. With base (a resumed run's
     saved config, recipes already applied) only the command line goes on top."""
-    overrides = _parse_overrides(argv, config if base is None else base)
+    overrides = parse_overrides(argv, config if base is None else base)
     if base is not None:
         return dict(base, **overrides)
     dataset = overrides.get('dataset', config['dataset'])
@@ -294,51 +248,6 @@ def draw_view(step, chunk, batch_size, cfg):
     else:                                                             # the canonical camera
         yaw = pitch = torch.full((batch_size,), math.pi / 2)
     return novel, yaw, pitch, gen
-
-
-# -----------------------------------------------------------------------------
-# data: a deterministic, resumable, distributed stream of batches
-
-class StepBatchSampler:
-    """Yields the dataset indices of this process's batch for (micro-)steps start_step, start_step + 1, ...
-    Global sample g = (step * world_size + rank) * batch_size + i reads position g mod n of the
-    permutation of epoch g // n. The batches are a function of the step alone, so a resumed run
-    continues exactly where it stopped, and no two processes see the same sample in an epoch.
-    With gradient accumulation the steps here are micro-steps: optimiser step s, micro-step k is
-    s * accumulation + k, so a step's images are the same on any number of processes."""
-
-    def __init__(self, n, batch_size, rank, world_size, seed, start_step, max_steps):
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
-        self._perms = {}
-
-    def _perm(self, epoch):
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep memory flat
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def batch(self, step):
-        first = (step * self.world_size + self.rank) * self.batch_size
-        return [int(self._perm(g // self.n)[g % self.n]) for g in range(first, first + self.batch_size)]
-
-    def __iter__(self):
-        for step in range(self.start_step, self.max_steps):
-            yield self.batch(step)
-
-    def __len__(self):
-        return max(0, self.max_steps - self.start_step)
-
-
-def make_loader(dataset, cfg, rank, world_size, start_step, accumulation):
-    sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
-                               start_step * accumulation, cfg['max_steps'] * accumulation)
-    # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
-    # resumed run has just restored from the checkpoint and must continue exactly.
-    generator = torch.Generator().manual_seed(_seed_from(cfg['seed'], rank, start_step))
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
-                                       pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 def make_dataset(cfg):
@@ -443,129 +352,6 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
     return sum(terms.values()), terms, dict(novel=novel, weights=w)
 
 
-def load_perceptual(cfg, device, rank):
-    """The frozen VGG16 / CLIP backbones. Synthetic runs use them only when their pretrained weights are
-    already in the local cache (no download: on a CPU they would also cost more than the rest of the step)
-    and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
-    fail when they cannot be had, unless the terms are turned off."""
-    import losses
-    perceptual, download = {}, cfg['dataset'] != 'synthetic'
-    wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
-    for name, needed in wanted.items():
-        if not needed:
-            continue
-        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
-        try:
-            if name == 'vgg':
-                module = losses.VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
-                                              download=download)
-            else:
-                module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
-                                                  download=download)
-        except WeightsUnavailable as e:
-            if cfg['dataset'] != 'synthetic':
-                raise
-            if rank == 0:
-                off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
-                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
-                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
-                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
-                      flush=True)
-            continue
-        finally:
-            logging.disable(logging.NOTSET)
-        perceptual[name] = module.to(device)
-    return perceptual
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: written atomically, so a run killed at any moment leaves the last good one intact
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))  # a temporary PATH.tmp-PID, renamed into place
-
-
-_DROP = object()
-
-
-def _plain(value):
-    """`value` with every entry the safe loader (torch.load weights_only=True) would refuse left out:
-    some PyTorch versions put functions in scheduler state dicts (OneCycleLR's anneal_func), which the
-    scheduler rebuilds from its constructor arguments anyway."""
-    if isinstance(value, dict):
-        items = {k: _plain(v) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return _DROP if _DROP in items else type(value)(items)
-    return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else _DROP
-
-
-def _seed_from(*numbers):
-    """A well-mixed 32-bit seed from non-negative integers, e.g. (seed, rank, step)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
-
-
-def _rng_state(device):
-    """This process's RNG state as tensors and plain lists (safe to load): CPU, numpy, python, and
-    its own GPU's when it runs on one."""
-    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = dict(torch=torch.get_rng_state(),
-                 numpy=dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
-                            cached_gaussian=float(cached_gaussian)),
-                 python=[version, list(internal), gauss])
-    if str(device).startswith('cuda'):
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rng_states(device, world_size):
-    """Every process's _rng_state, indexed by rank (a collective: every process calls it)."""
-    if world_size == 1:
-        return [_rng_state(device)]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, _rng_state(device))
-    return states
-
-
-def _set_rng_state(states, rank, step, seed, device):
-    """Restore this process's RNG state from a checkpoint's per-rank list. A rank the saved run did not
-    have (resumed on more processes) seeds from (seed, rank, step) instead: deterministic, and distinct
-    per rank. Checkpoints from before per-rank states hold one dict (numpy state as a tuple, the GPU
-    states of every visible device): it is rank 0's."""
-    states = [states] if isinstance(states, dict) else list(states or [])
-    if rank >= len(states):
-        s = _seed_from(seed, rank, step)
-        torch.manual_seed(s)  # CPU and every GPU
-        np.random.seed(s)
-        random.seed(s)
-        return
-    state = states[rank]
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state(n if isinstance(n, tuple) else
-                        ('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    cuda = state.get('cuda')
-    if str(device).startswith('cuda') and cuda is not None:
-        if isinstance(cuda, (list, tuple)):  # the older layout: one state per visible GPU
-            index = torch.device(device).index or 0
-            cuda = cuda[index] if index < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def _trim_metrics(path, last_step):
-    """On resume, drop metric lines logged after the checkpoint we continue from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= last_step]
-    atomic_write(path, lambda f: f.write(''.join(lines).encode()))
-
-
 # -----------------------------------------------------------------------------
 # pictures people look at
 
@@ -587,42 +373,20 @@ def trigen_grid(model, batch, cfg, device, path):
 # -----------------------------------------------------------------------------
 
 def _device(cfg):
-    """The device asked for. 'auto' is the GPU, or the CPU for synthetic runs only: an ImageNet run on the CPU
-    (about 85 s a step at paper size) has to be asked for with --device cpu."""
-    device = cfg['device']
-    if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if cfg['dataset'] == 'imagenet':
-            raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
-                              "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
-        return 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available in this torch install")
-    return device
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process. Each process
-    makes its own GPU the current one and touches no other."""
-    device = _device(cfg)
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        use_cuda = device.startswith('cuda')
-        if use_cuda:
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    if device.startswith('cuda'):
-        torch.cuda.set_device(torch.device(device))
-    return 0, 1, device
+    """The device asked for (data.resolve_device), except that 'auto' without a GPU is the CPU for synthetic
+    runs only: an ImageNet run on the CPU (about 85 s a step at paper size) has to be asked for with --device cpu."""
+    if cfg['device'] == 'auto' and cfg['dataset'] == 'imagenet' and not torch.cuda.is_available():
+        raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
+                          "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
+    try:
+        return resolve_device(cfg['device'])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_model(cfg):
     """The trained model and the module whose forward() makes one training step's prediction."""
     if cfg['stage'] == 'rgbd':
-        import diffusion
         num_classes = make_dataset(cfg).num_classes
         model = diffusion.make_denoiser(num_classes, size=cfg['rgbd_size'], image_size=cfg['image_size'])
         return model, model
@@ -634,31 +398,6 @@ def build_model(cfg):
         model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
                           levels=cfg['levels']))
     return model, _EncodeRender(model)
-
-
-def rgbd_losses(net, batch, step, cfg, device, autocast):
-    """f_rgbd stage: the denoising loss on RGB-D images (rgb and depth mapped to [-1, 1])."""
-    import diffusion
-    x0 = diffusion.rgbd_to_x(batch['image'].to(device), batch['depth'].to(device))   # (B, 4, S, S)
-    labels = batch['label'].to(device)
-    with autocast():
-        loss = diffusion.diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
-    return loss, {'diffusion': loss}, {}
-
-
-@torch.no_grad()
-def rgbd_grid(model, num_classes, cfg, device, path):
-    """One row per class (up to 8): generated RGB beside its colourised depth."""
-    import data
-    import diffusion
-    k = min(num_classes, 8)
-    labels = torch.arange(k, device=device).repeat_interleave(2)
-    gen = torch.Generator(device=device).manual_seed(cfg['seed'])
-    x = diffusion.ddim_sample(model, (len(labels), 4, cfg['image_size'], cfg['image_size']), labels,
-                              steps=50, generator=gen)
-    image, depth = diffusion.x_to_rgbd(x)
-    cells = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
-    data.save_grid(cells, path, nrow=4)
 
 
 def main(argv):
@@ -686,7 +425,7 @@ def main(argv):
     elif os.path.exists(ckpt_path):
         raise ConfigError(f"{ckpt_path} already exists: pass --resume to continue that run, or pick another --out_dir")
 
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device = setup_distributed(_device(cfg))
     torch.manual_seed(cfg['seed'] + rank)
     np.random.seed(cfg['seed'] + rank)
     random.seed(cfg['seed'] + rank)
@@ -720,7 +459,7 @@ def main(argv):
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_step = ckpt['step']
-        _set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
+        set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
     if cfg['compile']:
         if cfg['stage'] == 'trigen':
             model.encode = torch.compile(model.encode)
@@ -736,14 +475,10 @@ def main(argv):
             return trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast)
     else:
         def step_fn(batch, step, chunk):
-            return rgbd_losses(net, batch, step, cfg, device, autocast)
+            return diffusion.rgbd_losses(net, batch, step, cfg, device, autocast)
 
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        _trim_metrics(os.path.join(out_dir, 'metrics.jsonl'), start_step)
-        for name in os.listdir(out_dir):  # what a run killed in the middle of a save left behind
-            if name.startswith('ckpt.pt.tmp-'):
-                os.remove(os.path.join(out_dir, name))
+        prepare_out_dir(out_dir, start_step)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg['stage']} | {cfg['dataset']} ({len(dataset)} items) | {n_params / 1e6:.2f}M parameters | "
               f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} of {cfg['global_batch']} images "
@@ -759,11 +494,11 @@ def main(argv):
     def save(step):
         """Called by every process: each contributes its own RNG state; rank 0 writes. Everything in the
         file is tensors and plain Python values, so torch.load(..., weights_only=True) reads it."""
-        rng = _rng_states(device, world_size)
+        rng = rng_states(device, world_size)
         if rank != 0:
             return
         state = dict(stage=cfg['stage'], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=_plain(scheduler.state_dict()), step=step, config=cfg, rng=rng)
+                     scheduler=plain_state(scheduler.state_dict()), step=step, config=cfg, rng=rng)
         if cfg['stage'] == 'trigen':
             state['model_config'] = model.config
         else:
@@ -837,7 +572,7 @@ def main(argv):
                 if cfg['stage'] == 'trigen':
                     trigen_grid(model, shown_batch, cfg, device, path)
                 else:
-                    rgbd_grid(model, dataset.num_classes, cfg, device, path)
+                    diffusion.rgbd_grid(model, dataset.num_classes, cfg, device, path)
         if done % cfg['save_every'] == 0 or done == cfg['max_steps']:
             save(done)
     pbar.close()
