@@ -13,7 +13,6 @@ Timings on a shared machine are noisy: the table shows the load average next to 
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
 """
 import argparse
-import math
 import os
 import resource
 import statistics
@@ -24,7 +23,7 @@ import torch
 
 from data import resolve_device
 from model import Decoder, make_field
-from render import get_rays, orbit_camera, render_rays
+from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
 
 
 def _sync(device):
@@ -90,8 +89,8 @@ def bench_render(args):
     B, S = args.batch, args.rays_res
     planes = torch.randn(B, 3, args.channels, args.plane_res, args.plane_res, device=device, requires_grad=True)
     decoder = Decoder(args.channels).to(device)
-    cam2world = orbit_camera(math.pi / 2, math.pi / 2).to(device).expand(B, 4, 4)  # the canonical camera
-    rays_o, rays_d = get_rays(cam2world, 18.0, S)  # (B, S*S, 3)
+    cam2world = orbit_camera(CANONICAL_YAW, CANONICAL_PITCH).to(device).expand(B, 4, 4)  # the canonical camera
+    rays_o, rays_d = get_rays(cam2world, FOV_DEGREES, S)  # (B, S*S, 3)
     surface = 4.5 + torch.rand(B, S * S, 1, device=device)  # a depth map inside the box
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
     if device.type == "cuda":

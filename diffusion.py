@@ -1,6 +1,6 @@
 """
 f_rgbd: the class-conditional RGB-D diffusion model that lets G3DR generate 3D from a class label
-(README §1: class --f_rgbd--> RGB-D image --f_trigen--> triplane). A compact diffusion core
+(class --f_rgbd--> RGB-D image --f_trigen--> triplane). A compact diffusion core
 in plain PyTorch, meant to be read top to bottom:
 
   1. RGB-D <-> model space          rgbd_to_x, x_to_rgbd
@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from render import DEPTH_NEAR, DEPTH_FAR  # the depth range of the data, mapped to [-1, 1]
+
 T = 1000                 # number of discrete diffusion steps
-DEPTH_NEAR, DEPTH_FAR = 4.0, 6.0   # depth range of the data (README §2), mapped to [-1, 1]
 
 # -----------------------------------------------------------------------------
 # 1. RGB-D <-> model space
@@ -275,7 +276,7 @@ def ddim_sample(denoiser, shape, class_labels=None, steps=50, eta=0.0, guidance_
 # every pixel alike, and the model then runs at any resolution divisible by 2^(stages - 1).
 
 DENOISER_PRESETS = {
-    # the f_trigen widths (README §4) as a 128 x 128 pixel-space denoiser
+    # the f_trigen widths (unet.py, model.MODEL_PRESETS['paper']) as a 128 x 128 pixel-space denoiser
     'paper': dict(dim=128, dim_mults=(1, 2, 4, 8)),
     # trains on a laptop CPU at 64 x 64
     'small': dict(dim=32, dim_mults=(1, 2, 4)),
@@ -339,7 +340,7 @@ def rgbd_grid(model, num_classes, cfg, device, path):
 
 
 def non_flatness_score(depth_maps, near=DEPTH_NEAR, far=DEPTH_FAR, bins=64):
-    """Non-flatness score (3DGP; README §8): for each depth map a `bins`-bin histogram of
+    """Non-flatness score (3DGP): for each depth map a `bins`-bin histogram of
     its values over [near, far], H = entropy (nats) of the normalised histogram, NFS = mean exp(H).
     A flat map (one bin) scores 1, a map spread evenly over all bins scores `bins`.
 
@@ -445,7 +446,7 @@ class InceptionFeatures(nn.Module):
     pretrained=True loads torchvision's IMAGENET1K_V1 weights: from weights_path if given, else from
     the torch hub cache (downloaded there only with download=True). Missing weights raise a clear
     error; there is no silent fallback to random weights. pretrained=False builds random weights, for
-    testing the plumbing only. Note: published FIDs (README §8) use the TF-FID Inception
+    testing the plumbing only. Note: published FIDs (the paper: 13.1 on ImageNet 256 x 256) use the TF-FID Inception
     graph, whose weights differ from torchvision's, so numbers from this extractor are comparable to
     each other but not to the paper's table."""
 

@@ -1,5 +1,5 @@
 """
-G3DR training losses (README §5): pixel reconstruction, depth, TV on depth, the opacity term,
+G3DR training losses (weights and schedule: train.term_weights): pixel reconstruction, depth, TV on depth, the opacity term,
 an LPIPS-form VGG16 perceptual loss and the CLIP embedding loss.
 
 Every image input is RGB in [-1, 1] (what the renderer returns and what the training loop feeds,
@@ -60,7 +60,7 @@ def _check_images(pred, target, name):
 
 
 # -----------------------------------------------------------------------------
-# pixel losses (README §5)
+# pixel losses
 
 def recon_loss(pred, target, kind='l1'):
     """RGB reconstruction of the canonical view, weight 1 in the released recipe.
@@ -82,7 +82,7 @@ def depth_loss(pred, target):
 
 
 def tv_loss(depth):
-    """Total variation prior on the novel-view depth (README §5), weight 0.1:
+    """Total variation prior on the novel-view depth, weight 0.1 as released:
     mean of squared horizontal differences + mean of squared vertical differences."""
     if depth.dim() != 4:
         raise ValueError(f"tv_loss: expected depth (B, 1, H, W), got {tuple(depth.shape)}")
@@ -93,13 +93,13 @@ def tv_loss(depth):
 
 
 def opacity_loss(opacity):
-    """mean(1 - opacity): pushes every ray to end on a surface (README §5); its weight rises
+    """mean(1 - opacity): pushes every ray to end on a surface; its weight rises
     linearly from 0 to 1 over the first half of training (the schedule lives in train.py)."""
     return (1 - opacity).mean()
 
 
 # -----------------------------------------------------------------------------
-# VGG16 perceptual loss in the LPIPS form (README §5)
+# VGG16 perceptual loss in the LPIPS form
 
 # LPIPS input scaling ("ScalingLayer", LPIPS v0.1): (x - shift) / scale on images in [-1, 1] is the
 # ImageNet normalisation VGG16 was trained with, ((x + 1) / 2 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225),
@@ -188,7 +188,7 @@ def _load_calibration(path):
 
 
 class VGGPerceptual(nn.Module):
-    """LPIPS-form perceptual distance with a frozen torchvision VGG16 (README §5).
+    """LPIPS-form perceptual distance with a frozen torchvision VGG16.
 
     Per level l (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = levels 0..4):
         d_l = mean_{h,w} sum_c w_{l,c} (f̂_l(pred) - f̂_l(target))^2,  f̂ = channel-unit-normalised features
@@ -272,7 +272,7 @@ class VGGPerceptual(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CLIP embedding loss (README §5)
+# CLIP embedding loss
 
 def _clip_weights_help(model_name, pretrained, cache_dir):
     """(where the weights come from, where open_clip looks for them) for the error message."""
@@ -348,7 +348,7 @@ def _hub_offline(offline):
 
 class CLIPEmbeddingLoss(nn.Module):
     """Mean L1 distance between the CLIP image embeddings of the render and of the ground truth
-    (README §5; ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
+    (ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
     steps in the second half of training, 0.35 on novel steps).
 
     pred, target (B, 3, H, W) in [-1, 1] -> [0, 1] -> bilinear resize to the model's input size (224

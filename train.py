@@ -2,7 +2,7 @@
 Train G3DR.
 
     python train.py                                     # small run on built-in synthetic scenes (CPU, minutes)
-    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (README §5), one GPU
+    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (RECIPES), one GPU
     torchrun --standalone --nproc_per_node=6 train.py --dataset imagenet --data_dir PATH   # ... on six
     python train.py --stage rgbd                        # the class-conditional RGB-D diffusion model f_rgbd
 
@@ -26,7 +26,7 @@ from configurator import ConfigError, parse_overrides
 from data import one_line, resolve_device
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from model import load_checkpoint
-from render import get_rays, orbit_camera
+from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 from resume import (make_loader, plain_state, prepare_out_dir, rng_states, save_checkpoint, set_rng_state,
                     setup_distributed)
 
@@ -54,7 +54,7 @@ config = dict(
     image_size=64,           # side of the training images
     projection='yz',         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
     levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
-    # optimisation (Adam + one-cycle, README §5)
+    # optimisation (Adam + one-cycle)
     max_steps=1200,
     global_batch=4,          # images per optimiser step over all processes: batch_size x processes x accumulation
     batch_size=4,            # per process and micro-step
@@ -82,7 +82,7 @@ config = dict(
     rescale_cmin=0.3,
     rescale_cmax=1.0,
     gradient_rescaling=True,  # the paper's gradient rescaling (Sec. 3.2) on canonical steps
-    # losses (README §5); image terms compare images in [-1, 1]
+    # losses (losses.py); image terms compare images in [-1, 1]
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
     w_depth=2.0,
@@ -100,7 +100,7 @@ config = dict(
     # VGG channel weights: 'lpips' (LPIPS' learned ones, from the installed lpips package, as released),
     # 'uniform' (all 1: the sum over channels, what the synthetic recipe was tuned with), or a vgg.pth file
     lpips_weights='uniform',
-    # novel views (README §5)
+    # novel views (novel_camera)
     p_novel_max=0.1,         # P(novel) = min(p_novel_max, 2 step / max_steps) (released 0.4)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
     yaw_div_end=6.0,
@@ -123,7 +123,7 @@ config = dict(
 # `--dataset X` puts these on top of `config` (which is the synthetic recipe itself).
 RECIPES = {
     'synthetic': {},
-    # The released recipe (README §5): 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
+    # The released recipe: 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
     # clipping, beta1 cycling with the one-cycle lr, fp32, LPIPS with its learned channel weights. On fewer
     # GPUs, gradient accumulation makes up the 48.
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
@@ -204,7 +204,7 @@ def print_help(argv):
 
 
 # -----------------------------------------------------------------------------
-# schedules of the released recipe (README §5)
+# schedules of the released recipe
 
 def p_novel(step, cfg):
     """P(novel view) rises linearly and never exceeds p_novel_max."""
@@ -216,11 +216,11 @@ def novel_camera(step, batch_size, cfg, generator):
     progress = min(1.0, step / max(1.0, cfg['yaw_curriculum'] * cfg['max_steps']))
     d = cfg['yaw_div_start'] + (cfg['yaw_div_end'] - cfg['yaw_div_start']) * progress
     u = torch.rand(2, batch_size, generator=generator) * 2 - 1
-    return math.pi / 2 + u[0] * math.pi / d, math.pi / 2 + u[1] * math.pi / cfg['pitch_div']
+    return CANONICAL_YAW + u[0] * math.pi / d, CANONICAL_PITCH + u[1] * math.pi / cfg['pitch_div']
 
 
 def term_weights(step, novel, cfg):
-    """The loss terms of a canonical or novel step and their weights (README §5). Canonical: rgb, depth,
+    """The loss terms of a canonical or novel step and their weights. Canonical: rgb, depth,
     VGG (all levels) and CLIP, the last two only after `perceptual_start`; novel: CLIP, VGG (deepest two
     levels) and TV(depth); both: the opacity term, its weight rising linearly over the first `opacity_ramp`.
     A perceptual term of weight 0 is not computed."""
@@ -246,7 +246,7 @@ def draw_view(step, chunk, batch_size, cfg):
     if novel:
         yaw, pitch = novel_camera(step, batch_size, cfg, gen)
     else:                                                             # the canonical camera
-        yaw = pitch = torch.full((batch_size,), math.pi / 2)
+        yaw, pitch = torch.full((batch_size,), CANONICAL_YAW), torch.full((batch_size,), CANONICAL_PITCH)
     return novel, yaw, pitch, gen
 
 
@@ -260,7 +260,7 @@ def make_dataset(cfg):
 
 
 # -----------------------------------------------------------------------------
-# f_trigen stage: one canonical or novel training step (README §5)
+# f_trigen stage: one canonical or novel training step
 
 class _EncodeRender(torch.nn.Module):
     """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step.
@@ -282,7 +282,7 @@ def _to_image(x, size):
 
 
 def _at_render_size(x, size):
-    """Targets at the render resolution. Rays pass through a corner-inclusive grid (README §2),
+    """Targets at the render resolution. Rays pass through a corner-inclusive grid (render.get_rays),
     so bilinear resampling with align_corners=True reads the pixels exactly where the rays go."""
     if x.shape[-1] == size:
         return x
@@ -296,8 +296,8 @@ def _random_canonical_rays(image, depth, n_rays, generator):
     (B, n, 3) and depth (B, n, 1)."""
     B, S = image.shape[0], image.shape[-1]
     idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, n)
-    canonical = torch.full((B,), math.pi / 2)
-    rays_o, rays_d = get_rays(orbit_camera(canonical, canonical).to(image.device), 18.0, S)   # (B, S*S, 3)
+    yaw, pitch = torch.full((B,), CANONICAL_YAW), torch.full((B,), CANONICAL_PITCH)
+    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(image.device), FOV_DEGREES, S)   # (B, S*S, 3)
 
     def take(x):  # (B, S*S, K) -> (B, n, K), ray index = row * S + col
         return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -318,7 +318,7 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
         rays_o, rays_d, image_r, depth_r = _random_canonical_rays(image, depth, R * R, gen)  # (B, R*R, K) each
         as_image = lambda x: x                                        # per-ray losses need no image
     else:
-        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
+        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), FOV_DEGREES, R)  # (B, R*R, 3)
         image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
         as_image = lambda x: _to_image(x, R)                          # (B, R*R, K) -> (B, K, R, R)
     opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
@@ -359,15 +359,15 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
 def trigen_grid(model, batch, cfg, device, path):
     """Rows: scenes. Columns: input, canonical render, its depth, then two novel views and their depth."""
     import data
-    image = batch['image'][:4].to(device) * 2 - 1
+    image = batch['image'][:4].to(device)                                # (4, 3, S, S) in [0, 1]
     depth = batch['depth'][:4].to(device)
     S = cfg['image_size']
-    planes = model.encode(torch.cat([image, depth], 1))
+    planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
     columns = [image]
-    for yaw in (math.pi / 2, math.pi / 2 - math.pi / 6, math.pi / 2 + math.pi / 6):
-        rgb, d = model.render_view(planes, yaw, math.pi / 2, S, n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'])
-        columns += [rgb, data.colorize_depth(d) * 2 - 1]
-    data.save_grid(torch.stack(columns, 1).flatten(0, 1).add(1).div(2), path, nrow=len(columns))
+    for yaw in (CANONICAL_YAW, CANONICAL_YAW - math.pi / 6, CANONICAL_YAW + math.pi / 6):
+        rgb, d = model.render_view(planes, yaw, CANONICAL_PITCH, S, n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'])
+        columns += [rgb, data.colorize_depth(d)]
+    data.save_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns))
 
 
 # -----------------------------------------------------------------------------
