@@ -13,7 +13,6 @@ Timings on a shared machine are noisy: the table shows the load average next to 
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
 """
 import argparse
-import math
 import os
 import resource
 import statistics
@@ -22,8 +21,9 @@ import time
 
 import torch
 
+from data import resolve_device
 from model import Decoder, make_field
-from render import get_rays, orbit_camera, render_rays
+from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
 
 
 def _sync(device):
@@ -72,7 +72,7 @@ def add_render_args(p):
     p.add_argument("--n_fine", type=int, default=32)
     p.add_argument("--depth_guided_prob", type=float, default=1.0,
                    help="1: depth-guided fine samples (default, fixed work per step); 0: importance sampling")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -82,15 +82,15 @@ def add_render_args(p):
 def bench_render(args):
     """Forward + backward of one canonical-view training render: triplane field (pyramid built once
     per render), render_rays with surface_depth (gradient rescaling on) and a training-like loss."""
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     B, S = args.batch, args.rays_res
     planes = torch.randn(B, 3, args.channels, args.plane_res, args.plane_res, device=device, requires_grad=True)
     decoder = Decoder(args.channels).to(device)
-    cam2world = orbit_camera(math.pi / 2, math.pi / 2).to(device).expand(B, 4, 4)  # the canonical camera
-    rays_o, rays_d = get_rays(cam2world, 18.0, S)  # (B, S*S, 3)
+    cam2world = orbit_camera(CANONICAL_YAW, CANONICAL_PITCH).to(device).expand(B, 4, 4)  # the canonical camera
+    rays_o, rays_d = get_rays(cam2world, FOV_DEGREES, S)  # (B, S*S, 3)
     surface = 4.5 + torch.rand(B, S * S, 1, device=device)  # a depth map inside the box
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
     if device.type == "cuda":
@@ -138,7 +138,7 @@ def add_train_args(p):
     p.add_argument("--n_fine", type=int, default=None)
     p.add_argument("--projection", default=None, choices=["official", "yz"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: the recipe's (float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -152,7 +152,7 @@ def bench_train(args):
     import train
     from scenes import SyntheticScenes
     from model import G3DR, MODEL_PRESETS
-    device = torch.device(args.device)
+    device = torch.device(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = ["--dataset", "imagenet", "--data_dir", "-"] if args.size == "paper" else []

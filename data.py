@@ -8,8 +8,9 @@ whose true 3D is known, are in scenes.py.)
     python data.py check ROOT [--depth_root DIR]
 
 Every item is a dict: `image` (3, S, S) RGB in [0, 1], `depth` (1, S, S) distance along the unit
-ray in scene units, `label` (int), `path` (str). Depth conventions are README §2 and 6: a 16-bit
-PNG `v` means depth v / 65536 * 2 + 4, in [4, 6).
+ray in scene units, `label` (int), `path` (str). Depth maps are 16-bit PNGs, per-image
+normalised with 0 = nearest: `v` means depth DEPTH_NEAR + v / 65536 * (DEPTH_FAR - DEPTH_NEAR), in [4, 6)
+(render.py's depth range: the front and back faces of the scene box seen from the camera radius 5).
 Bad input raises DataError, whose message is one line naming the offending file or folder.
 """
 import argparse
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+from render import DEPTH_FAR, DEPTH_NEAR
 
 
 class DataError(ValueError):
@@ -154,13 +157,13 @@ def _crop_and_resize(image, depth, size):
     box = _center_square(image.width, image.height)
     image = image.crop(box).resize((size, size), Image.LANCZOS)
     depth = Image.fromarray(depth.astype(np.float32)).crop(box).resize((size, size), Image.LANCZOS)
-    depth = np.clip(np.asarray(depth), 0, 65535) / 65536 * 2 + 4  # README §2: [4, 6)
+    depth = DEPTH_NEAR + np.clip(np.asarray(depth), 0, 65535) / 65536 * (DEPTH_FAR - DEPTH_NEAR)  # in [4, 6)
     image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255  # (3, S, S)
     return image, torch.from_numpy(depth.astype(np.float32))[None]  # (1, S, S)
 
 
 # -----------------------------------------------------------------------------
-# Real photos with monocular depth (README §6)
+# Real photos with monocular depth: class folders of NAME.jpg beside NAME_depth.png
 
 class ImageNetDepth(torch.utils.data.Dataset):
     """Photos + 16-bit depth maps, in the authors' layout or with a separate depth tree.
@@ -247,7 +250,7 @@ class ImageNetDepth(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# Depth maps for real photos (README §6)
+# Depth maps for real photos: MiDaS relative inverse depth, normalised per image, inverted, 16 bits
 
 MIDAS_MODELS = ('DPT_Large', 'DPT_Hybrid', 'MiDaS_small')
 
@@ -302,7 +305,7 @@ def load_midas(model='DPT_Large', device='cpu', repo='intel-isl/MiDaS'):
 
 def encode_depth(inverse_depth):
     """Relative inverse depth (H, W) -> the authors' 16-bit encoding (uint16 array): normalised per
-    image to [0, 1], inverted so that 0 = nearest, times 65535 (README §2 and 6)."""
+    image to [0, 1], inverted so that 0 = nearest, times 65535 (the encoding _load_depth_png reads)."""
     x = inverse_depth.double()
     if not torch.isfinite(x).all():
         raise DataError("the depth estimator returned NaN or inf")
@@ -355,10 +358,18 @@ def make_depth(src, dst, estimator, progress=True):
 
 
 def load_depth_estimator(model='DPT_Large', device='auto', repo='intel-isl/MiDaS'):
-    """load_midas with device 'auto' = CUDA when available."""
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    return load_midas(model, device, repo)
+    """load_midas on resolve_device(device)."""
+    return load_midas(model, resolve_device(device), repo)
+
+
+def resolve_device(name):
+    """The device a `--device NAME` option means: 'auto' is the GPU when torch sees one, else the CPU; any
+    other name is returned as given, after checking that a CUDA one can be had (ValueError naming it)."""
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if str(name).startswith('cuda') and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available in this torch install")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -418,8 +429,9 @@ _DEPTH_COLOURS = torch.tensor([[0.99, 0.96, 0.55], [0.98, 0.70, 0.25], [0.90, 0.
                                [0.70, 0.20, 0.45], [0.40, 0.10, 0.50], [0.12, 0.05, 0.30]])
 
 
-def colorize_depth(depth, near=4.0, far=6.0):
-    """depth (B, 1, H, W) in scene units -> RGB (B, 3, H, W) in [0, 1] (README §7)."""
+def colorize_depth(depth, near=DEPTH_NEAR, far=DEPTH_FAR):
+    """depth (B, 1, H, W) in scene units -> RGB (B, 3, H, W) in [0, 1]: near..far along a
+    yellow-to-purple colour ramp, black where depth is 0 (no surface)."""
     t = ((depth - near) / (far - near)).clamp(0, 1) * (len(_DEPTH_COLOURS) - 1)  # (B, 1, H, W)
     lo = t.floor().long().clamp(max=len(_DEPTH_COLOURS) - 2)
     colours = _DEPTH_COLOURS.to(depth.device)

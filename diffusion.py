@@ -1,13 +1,14 @@
 """
 f_rgbd: the class-conditional RGB-D diffusion model that lets G3DR generate 3D from a class label
-(README §1: class --f_rgbd--> RGB-D image --f_trigen--> triplane). A compact diffusion core
+(class --f_rgbd--> RGB-D image --f_trigen--> triplane). A compact diffusion core
 in plain PyTorch, meant to be read top to bottom:
 
   1. RGB-D <-> model space          rgbd_to_x, x_to_rgbd
   2. noise schedule                 cosine_schedule (default), linear_schedule, q_sample
   3. training loss                  diffusion_loss (v-prediction, class dropout for guidance)
   4. sampler                        ddim_step, ddim_sample (DDIM with eta, classifier-free guidance)
-  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser
+  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser,
+                                    rgbd_losses and rgbd_grid (train.py --stage rgbd)
   6. generative metrics             non_flatness_score, sample_quality, FID plumbing
 
 Choices (each explained where it is implemented):
@@ -33,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from render import DEPTH_NEAR, DEPTH_FAR  # the depth range of the data, mapped to [-1, 1]
+
 T = 1000                 # number of discrete diffusion steps
-DEPTH_NEAR, DEPTH_FAR = 4.0, 6.0   # depth range of the data (README §2), mapped to [-1, 1]
 
 # -----------------------------------------------------------------------------
 # 1. RGB-D <-> model space
@@ -274,7 +276,7 @@ def ddim_sample(denoiser, shape, class_labels=None, steps=50, eta=0.0, guidance_
 # every pixel alike, and the model then runs at any resolution divisible by 2^(stages - 1).
 
 DENOISER_PRESETS = {
-    # the f_trigen widths (README §4) as a 128 x 128 pixel-space denoiser
+    # the f_trigen widths (unet.py, model.MODEL_PRESETS['paper']) as a 128 x 128 pixel-space denoiser
     'paper': dict(dim=128, dim_mults=(1, 2, 4, 8)),
     # trains on a laptop CPU at 64 x 64
     'small': dict(dim=32, dim_mults=(1, 2, 4)),
@@ -307,12 +309,38 @@ def load_denoiser(path, device='cpu', trust=False):
     net.load_state_dict(state)
     return net.to(device).eval()
 
+
+# --- `python train.py --stage rgbd`: one micro-batch's loss and the picture grid of the run
+
+def rgbd_losses(net, batch, step, cfg, device, autocast):
+    """The denoising loss of one micro-batch of RGB-D images (rgb and depth mapped to [-1, 1]); returns
+    (loss, {term: value}, {}) as train.py's f_trigen step does."""
+    x0 = rgbd_to_x(batch['image'].to(device), batch['depth'].to(device))   # (B, 4, S, S)
+    labels = batch['label'].to(device)
+    with autocast():
+        loss = diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
+    return loss, {'diffusion': loss}, {}
+
+
+@torch.no_grad()
+def rgbd_grid(model, num_classes, cfg, device, path):
+    """One row per class (up to 8): generated RGB beside its colourised depth."""
+    import data
+    k = min(num_classes, 8)
+    labels = torch.arange(k, device=device).repeat_interleave(2)
+    gen = torch.Generator(device=device).manual_seed(cfg['seed'])
+    x = ddim_sample(model, (len(labels), 4, cfg['image_size'], cfg['image_size']), labels, steps=50, generator=gen)
+    image, depth = x_to_rgbd(x)
+    cells = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
+    data.save_grid(cells, path, nrow=4)
+
+
 # -----------------------------------------------------------------------------
 # 6. Generative metrics (for `sample.py --eval`)
 
 
 def non_flatness_score(depth_maps, near=DEPTH_NEAR, far=DEPTH_FAR, bins=64):
-    """Non-flatness score (3DGP; README §8): for each depth map a `bins`-bin histogram of
+    """Non-flatness score (3DGP): for each depth map a `bins`-bin histogram of
     its values over [near, far], H = entropy (nats) of the normalised histogram, NFS = mean exp(H).
     A flat map (one bin) scores 1, a map spread evenly over all bins scores `bins`.
 
@@ -418,7 +446,7 @@ class InceptionFeatures(nn.Module):
     pretrained=True loads torchvision's IMAGENET1K_V1 weights: from weights_path if given, else from
     the torch hub cache (downloaded there only with download=True). Missing weights raise a clear
     error; there is no silent fallback to random weights. pretrained=False builds random weights, for
-    testing the plumbing only. Note: published FIDs (README §8) use the TF-FID Inception
+    testing the plumbing only. Note: published FIDs (the paper: 13.1 on ImageNet 256 x 256) use the TF-FID Inception
     graph, whose weights differ from torchvision's, so numbers from this extractor are comparable to
     each other but not to the paper's table."""
 

@@ -314,6 +314,7 @@ def bench_sampler(ctx, sampler, backward):
 
 def bench_view(ctx):
     """render_view of a canonical S x S view (inference, default sampler and chunks)."""
+    from render import CANONICAL_PITCH, CANONICAL_YAW
     model, _ = ctx.model()
     s = ctx.size
     with torch.no_grad():
@@ -322,7 +323,7 @@ def bench_view(ctx):
 
     def view():
         with torch.no_grad():
-            model.render_view(planes, math.pi / 2, math.pi / 2, s["render"], n_coarse=s["n_coarse"], n_fine=s["n_fine"])
+            model.render_view(planes, CANONICAL_YAW, CANONICAL_PITCH, s["render"], n_coarse=s["n_coarse"], n_fine=s["n_fine"])
     ms = _median_ms(ctx, view)
     waits = f", {_host_waits(view)} host waits" if ctx.cuda else ""
     return f"{ms:.1f} ms for {s['view_batch']} views of {s['render']}^2{waits}, {_memory(ctx)}", "INFO"

@@ -1,5 +1,5 @@
 """
-G3DR training losses (README §5): pixel reconstruction, depth, TV on depth, the opacity term,
+G3DR training losses (weights and schedule: train.term_weights): pixel reconstruction, depth, TV on depth, the opacity term,
 an LPIPS-form VGG16 perceptual loss and the CLIP embedding loss.
 
 Every image input is RGB in [-1, 1] (what the renderer returns and what the training loop feeds,
@@ -14,6 +14,7 @@ on first use, so a loss attached to the model by mistake adds nothing to `model.
 `model.state_dict()`.
 """
 import contextlib
+import logging
 import os
 
 import torch
@@ -59,7 +60,7 @@ def _check_images(pred, target, name):
 
 
 # -----------------------------------------------------------------------------
-# pixel losses (README §5)
+# pixel losses
 
 def recon_loss(pred, target, kind='l1'):
     """RGB reconstruction of the canonical view, weight 1 in the released recipe.
@@ -81,7 +82,7 @@ def depth_loss(pred, target):
 
 
 def tv_loss(depth):
-    """Total variation prior on the novel-view depth (README §5), weight 0.1:
+    """Total variation prior on the novel-view depth, weight 0.1 as released:
     mean of squared horizontal differences + mean of squared vertical differences."""
     if depth.dim() != 4:
         raise ValueError(f"tv_loss: expected depth (B, 1, H, W), got {tuple(depth.shape)}")
@@ -92,13 +93,13 @@ def tv_loss(depth):
 
 
 def opacity_loss(opacity):
-    """mean(1 - opacity): pushes every ray to end on a surface (README §5); its weight rises
+    """mean(1 - opacity): pushes every ray to end on a surface; its weight rises
     linearly from 0 to 1 over the first half of training (the schedule lives in train.py)."""
     return (1 - opacity).mean()
 
 
 # -----------------------------------------------------------------------------
-# VGG16 perceptual loss in the LPIPS form (README §5)
+# VGG16 perceptual loss in the LPIPS form
 
 # LPIPS input scaling ("ScalingLayer", LPIPS v0.1): (x - shift) / scale on images in [-1, 1] is the
 # ImageNet normalisation VGG16 was trained with, ((x + 1) / 2 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225),
@@ -187,7 +188,7 @@ def _load_calibration(path):
 
 
 class VGGPerceptual(nn.Module):
-    """LPIPS-form perceptual distance with a frozen torchvision VGG16 (README §5).
+    """LPIPS-form perceptual distance with a frozen torchvision VGG16.
 
     Per level l (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 = levels 0..4):
         d_l = mean_{h,w} sum_c w_{l,c} (f̂_l(pred) - f̂_l(target))^2,  f̂ = channel-unit-normalised features
@@ -271,7 +272,7 @@ class VGGPerceptual(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# CLIP embedding loss (README §5)
+# CLIP embedding loss
 
 def _clip_weights_help(model_name, pretrained, cache_dir):
     """(where the weights come from, where open_clip looks for them) for the error message."""
@@ -347,7 +348,7 @@ def _hub_offline(offline):
 
 class CLIPEmbeddingLoss(nn.Module):
     """Mean L1 distance between the CLIP image embeddings of the render and of the ground truth
-    (README §5; ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
+    (ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
     steps in the second half of training, 0.35 on novel steps).
 
     pred, target (B, 3, H, W) in [-1, 1] -> [0, 1] -> bilinear resize to the model's input size (224
@@ -395,3 +396,40 @@ class CLIPEmbeddingLoss(nn.Module):
             e_target = self.embed(target)  # (B, D)
         e_pred = self.embed(pred)  # (B, D)
         return (e_pred - e_target).abs().mean()
+
+
+# -----------------------------------------------------------------------------
+# the backbones of a training run
+
+def load_perceptual(cfg, device, rank):
+    """The frozen VGG16 / CLIP backbones a train.py run (config `cfg`) needs, by name. Synthetic runs use
+    them only when their pretrained weights are already in the local cache (no download: on a CPU they would
+    also cost more than the rest of the step) and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
+    fail when they cannot be had, unless the terms are turned off."""
+    perceptual, download = {}, cfg['dataset'] != 'synthetic'
+    wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
+    for name, needed in wanted.items():
+        if not needed:
+            continue
+        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
+        try:
+            if name == 'vgg':
+                module = VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
+                                              download=download)
+            else:
+                module = CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
+                                                  download=download)
+        except WeightsUnavailable as e:
+            if cfg['dataset'] != 'synthetic':
+                raise
+            if rank == 0:
+                off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
+                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
+                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
+                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
+                      flush=True)
+            continue
+        finally:
+            logging.disable(logging.NOTSET)
+        perceptual[name] = module.to(device)
+    return perceptual

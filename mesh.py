@@ -1,5 +1,5 @@
 """
-Meshes and point clouds from a reconstruction, in the scene's own coordinates (README §2: the box
+Meshes and point clouds from a reconstruction, in the scene's own coordinates (render.py: the box
 [-1, 1]^3, the canonical camera at (-5, 0, 0) looking along +x, +y up).
 
     field = scene_field(model, model.encode(rgbd))              # one scene's triplane field
@@ -29,14 +29,13 @@ from tqdm import tqdm
 
 from data import atomic_write, one_line, save_grid
 from model import make_field, sample_triplane, triplane_pyramid
-from render import get_rays, orbit_camera, render_rays
+from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
 from scenes import SyntheticScenes
 
 MESH_RES = 256            # grid points per side of the box
 CHUNK = 1 << 18           # points per field query: bounds the memory of the grid pass
-BOX_SIZE = 2.0            # the scene box [-1, 1]^3 (README §2)
+BOX_SIZE = 2.0            # the scene box [-1, 1]^3 (render.py's box_size)
 MAX_MESH_RES = 1024       # 1024^3 float32 densities are 4 GiB; beyond that, memory runs out
-CANONICAL = (math.pi / 2, math.pi / 2)  # (yaw, pitch) of the canonical camera at (-5, 0, 0)
 # the views the accuracy metrics see the scene from: (yaw, pitch) offsets from the canonical camera
 FRONT_VIEWS = [(0.0, 0.0), (-math.pi / 12, 0.0), (math.pi / 12, 0.0), (0.0, -math.pi / 18), (0.0, math.pi / 18)]
 PLY_COMMENT = "G3DR reconstruction: scene box [-1,1]^3, canonical camera at (-5,0,0) looking along +x, +y up"
@@ -72,7 +71,7 @@ def scene_field(model, planes):
 
 
 def sigma_from_raw(raw):
-    return F.softplus(raw - 1)  # README §3: sigma = softplus(raw - 1)
+    return F.softplus(raw - 1)  # sigma = softplus(raw - 1), as render.composite
 
 
 def raw_from_sigma(sigma):
@@ -95,8 +94,8 @@ def _query(field, points, chunk=CHUNK):
 
 @torch.no_grad()
 def _render_canonical(field, resolution, n_coarse, n_fine, device):
-    yaw, pitch = CANONICAL
-    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(device), 18.0, resolution)  # (1, S*S, 3)
+    yaw, pitch = CANONICAL_YAW, CANONICAL_PITCH
+    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(device), FOV_DEGREES, resolution)  # (1, S*S, 3)
     out = render_rays(field, rays_o, rays_d, n_coarse=n_coarse, n_fine=n_fine, perturb=False, chunk=4096)
     return rays_o[0], rays_d[0], out
 
@@ -122,7 +121,7 @@ def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
     trans = (1 - (acc - w)).clamp_min(1e-10)                # transmittance entering each interval
     alpha = (w / trans).clamp(max=1 - 1e-6)
     delta = (t[:, 1:] - t[:, :-1]).clamp_min(1e-6)
-    sigma = -torch.log1p(-alpha) / delta                    # (R, K) each interval's density (README §3)
+    sigma = -torch.log1p(-alpha) / delta                    # (R, K) each interval's density
     i = (acc < 0.5).sum(-1, keepdim=True)                   # (R, 1) the interval where T crosses 1/2
     # inside an interval sigma is constant, T(s) = T_i exp(-sigma s): T = 1/2 at this fraction of it
     frac = (torch.log(2 * trans.gather(1, i)) / -torch.log1p(-alpha.gather(1, i))).clamp(0, 1)
@@ -170,7 +169,7 @@ def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
     so three res^2 tables of features give all res^3 of them. f_dec's first layer is linear and can be
     applied to the tables, so what is left per grid point is two additions (in place: the memory traffic is
     the cost), a softplus and a 64 -> 4 layer."""
-    first, rest = model.decoder.net[0], model.decoder.net[1:]  # README §3: f_dec = FC, softplus, FC
+    first, rest = model.decoder.net[0], model.decoder.net[1:]  # f_dec = FC, softplus, FC (model.Decoder)
     levels, projection = model.config['levels'], model.config['projection']
     pyramid = triplane_pyramid(planes.float(), levels)
     axis = _grid_axis(resolution, planes.device)
@@ -289,7 +288,7 @@ def load_ply(path):
 # -----------------------------------------------------------------------------
 # A small z-buffer rasteriser: mesh pictures and which vertices a camera sees
 
-def _project(vertices, yaw, pitch, resolution, fov=18.0, radius=5.0):
+def _project(vertices, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
     """vertices (V, 3) -> pixel (col, row) (V, 2) in the pixel grid of get_rays and depth along the
     camera's viewing axis (V,)."""
     cam2world = orbit_camera(yaw, pitch, radius)[0]
@@ -300,13 +299,13 @@ def _project(vertices, yaw, pitch, resolution, fov=18.0, radius=5.0):
     return torch.stack([(x + 1) / 2 * (resolution - 1), (1 - y) / 2 * (resolution - 1)], -1), z
 
 
-def rasterize(vertices, faces, yaw, pitch, resolution, fov=18.0, radius=5.0, max_candidates=1 << 22):
+def rasterize(vertices, faces, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES, max_candidates=1 << 22):
     """Which triangle covers each pixel centre, nearest first. vertices (V, 3), faces (F, 3) tensors.
     Returns depth (S, S) (inf where empty), face index (S, S) (-1 where empty) and the perspective-
     correct barycentric weights (S, S, 3). Every triangle is tested at the pixels of its bounding box,
     triangles grouped by box size so the work stays about proportional to the covered pixels."""
     S = resolution
-    pix, z = _project(vertices, yaw, pitch, S, fov, radius)
+    pix, z = _project(vertices, yaw, pitch, S, radius, fov)
     tri, tz = pix[faces], z[faces]                                          # (F, 3, 2), (F, 3)
     lo, hi = tri.amin(1).ceil(), tri.amax(1).floor().clamp(max=S - 1)
     lo = lo.clamp(min=0)
@@ -383,9 +382,9 @@ def true_surface_points(scenes, index, resolution=256):
     """Points of scene `index`'s surface visible from FRONT_VIEWS, from exact ray casting: (N, 3) numpy."""
     points = []
     for dyaw, dpitch in FRONT_VIEWS:
-        yaw, pitch = CANONICAL[0] + dyaw, CANONICAL[1] + dpitch
+        yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
         _, depth = scenes.render_view(index, yaw, pitch, resolution)
-        rays_o, rays_d = get_rays(orbit_camera(yaw, pitch), 18.0, resolution)
+        rays_o, rays_d = get_rays(orbit_camera(yaw, pitch), FOV_DEGREES, resolution)
         depth = depth.view(-1, 1)
         points.append((rays_o[0] + depth * rays_d[0])[depth[:, 0] > 0])
     return torch.cat(points).numpy()
@@ -397,7 +396,7 @@ def visible_vertices(vertices, faces, resolution=256, tolerance=0.02):
     vertices, faces = torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces).long()
     seen = torch.zeros(len(vertices), dtype=torch.bool)
     for dyaw, dpitch in FRONT_VIEWS:
-        yaw, pitch = CANONICAL[0] + dyaw, CANONICAL[1] + dpitch
+        yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
         zbuf, _, _ = rasterize(vertices, faces, yaw, pitch, resolution)
         pix, z = _project(vertices, yaw, pitch, resolution)
         p = pix.round().long()
@@ -484,7 +483,7 @@ def main(argv):
     vertices, colors, faces = load_ply(args.ply)
     if faces is None:
         raise ValueError(f"{args.ply} has no faces (a point cloud): view it in MeshLab or Blender")
-    views = [CANONICAL, (CANONICAL[0] + math.radians(30), CANONICAL[1] - math.radians(20))]
+    views = [(CANONICAL_YAW, CANONICAL_PITCH), (CANONICAL_YAW + math.radians(30), CANONICAL_PITCH - math.radians(20))]
     pictures = [render_mesh(vertices, faces, c, yaw, pitch, args.size) for yaw, pitch in views for c in (colors, None)]
     save_grid(torch.stack(pictures), args.png, nrow=len(pictures))
     print(f"wrote {args.png}")

@@ -375,7 +375,7 @@ class G3DR(nn.Module):
                            self.sampler if sampler is None else sampler)
         return render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
 
-    def render_view(self, planes, yaw, pitch, resolution, fov=FOV_DEGREES, radius=CAMERA_RADIUS, chunk=None,
+    def render_view(self, planes, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES, chunk=None,
                     box_size=2.0, surface_depth=None, with_opacity=False, perturb=False, **render_opts):
         """Render an S x S view from the orbit camera (yaw, pitch, radius), about `chunk` rays (summed
         over the batch) at a time, so memory stays bounded at any resolution (inference). chunk None:
@@ -384,7 +384,8 @@ class G3DR(nn.Module):
 
         yaw/pitch: floats or (B,) tensors; surface_depth (B, 1, S, S) enables the depth-guided
         samples and gradient rescaling (canonical view). perturb=False (default): the deterministic
-        samples of inference, no jitter. Returns images (B, 3, S, S) in [-1, 1] and
+        samples of inference, no jitter. Returns images (B, 3, S, S) in [0, 1], as
+        scenes.SyntheticScenes.render_view (render() and the training losses keep [-1, 1]), and
         depth (B, 1, S, S) (+ opacity (B, 1, S, S) with with_opacity=True)."""
         B, S = planes.shape[0], resolution
         if chunk is None:
@@ -398,7 +399,8 @@ class G3DR(nn.Module):
         # for the whole view, so a chunked view is the same render as an unchunked one
         out = self.render(planes, rays_o, rays_d, box_size=box_size, surface_depth=surface_depth,
                           chunk=max(1, chunk // B), perturb=perturb, **render_opts)
-        images = out["rgb"].transpose(1, 2).reshape(B, 3, S, S)  # (B, R, 3) -> (B, 3, S, S)
+        images = out["rgb"].transpose(1, 2).reshape(B, 3, S, S)  # (B, R, 3) -> (B, 3, S, S), in [-1, 1]
+        images = (images + 1) / 2                                 # the picture range, [0, 1]
         depth = out["depth"].reshape(B, 1, S, S)
         if with_opacity:
             return images, depth, out["opacity"].reshape(B, 1, S, S)

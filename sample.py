@@ -8,7 +8,7 @@ Turn a G3DR checkpoint into pictures and numbers.
     python sample.py --class_id 2 --num 4 --rgbd_ckpt out-rgbd/ckpt.pt --ckpt out/ckpt.pt   # generate 3D
 
 For every input it writes the canonical reconstruction (input | render | depth) as a PNG and an orbit GIF
-(the "front circle" of README §7: RGB beside colourised depth).
+(the "front circle", see front_circle: RGB beside colourised depth).
 """
 import argparse
 import json
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import data
 from model import G3DR, load_checkpoint
 from scenes import SyntheticScenes
-from render import get_rays, orbit_camera
+from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 
 
 def parse_args(argv):
@@ -80,9 +80,9 @@ def load_model(path, official, device, trust=False):
 
 
 def front_circle(frames):
-    """README §7: yaw = pi/2 + 0.25 sin(2 pi s), pitch = pi/2 + 0.1 cos(2 pi s)."""
+    """The front circle: yaw = pi/2 + 0.25 sin(2 pi s), pitch = pi/2 + 0.1 cos(2 pi s), s in [0, 1)."""
     s = torch.linspace(0, 1, frames + 1)[:-1]  # the last frame would repeat the first
-    return math.pi / 2 + 0.25 * torch.sin(2 * math.pi * s), math.pi / 2 + 0.1 * torch.cos(2 * math.pi * s)
+    return CANONICAL_YAW + 0.25 * torch.sin(2 * math.pi * s), CANONICAL_PITCH + 0.1 * torch.cos(2 * math.pi * s)
 
 
 @torch.no_grad()
@@ -91,8 +91,7 @@ def reconstruct(model, image, depth, name, out_dir, args):
     S = args.resolution or image.shape[-1]
     opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
     planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
-    rgb, d = model.render_view(planes, math.pi / 2, math.pi / 2, S, **opts)
-    rgb = (rgb + 1) / 2
+    rgb, d = model.render_view(planes, CANONICAL_YAW, CANONICAL_PITCH, S, **opts)
     cells = [F.interpolate(image, size=S, mode='bilinear', antialias=True, align_corners=False), rgb,
              data.colorize_depth(d)]
     data.save_grid(torch.stack(cells, 1).flatten(0, 1), os.path.join(out_dir, f"{name}_canonical.png"), nrow=3)
@@ -101,7 +100,7 @@ def reconstruct(model, image, depth, name, out_dir, args):
     from tqdm import tqdm
     for yaw, pitch in tqdm(list(zip(yaws, pitches)), desc=f"orbit {name}", leave=False):
         rgb, d = model.render_view(planes, float(yaw), float(pitch), S, **opts)
-        frames.append(torch.cat([(rgb + 1) / 2, data.colorize_depth(d)], -1))  # (B, 3, S, 2S)
+        frames.append(torch.cat([rgb, data.colorize_depth(d)], -1))  # (B, 3, S, 2S)
     frames = torch.stack(frames, 1)                                          # (B, T, 3, S, 2S)
     for b in range(frames.shape[0]):
         suffix = f"_{b}" if frames.shape[0] > 1 else ''
@@ -158,8 +157,8 @@ def fill_holes(image, valid):
     return image
 
 
-def forward_warp(image, depth, yaw, pitch, fov=18.0, radius=5.0):
-    """The input RGB-D view (canonical camera, README §2) moved into the orbit camera (yaw, pitch):
+def forward_warp(image, depth, yaw, pitch, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
+    """The input RGB-D view (the canonical camera, render.CANONICAL_YAW / CANONICAL_PITCH) moved into the orbit camera (yaw, pitch):
     every input pixel is lifted to its 3D point (ray origin + depth * unit ray), projected into the
     new camera and written to the nearest pixel there; where several land on one pixel the nearest
     to the new camera wins (z-buffer). Pixels nothing lands on are filled by `fill_holes`.
@@ -167,7 +166,7 @@ def forward_warp(image, depth, yaw, pitch, fov=18.0, radius=5.0):
     (B, 1, S, S) and the mask (B, 1, S, S) of pixels that received a point."""
     B, K, S, _ = image.shape
     dev = image.device
-    rays_o, rays_d = get_rays(orbit_camera(math.pi / 2, math.pi / 2, radius).to(dev).expand(B, 4, 4), fov, S)
+    rays_o, rays_d = get_rays(orbit_camera(CANONICAL_YAW, CANONICAL_PITCH, radius).to(dev).expand(B, 4, 4), fov, S)
     points = rays_o + rays_d * depth.flatten(2).transpose(1, 2)                       # (B, S*S, 3)
     cam2world = orbit_camera(yaw, pitch, radius).to(dev).expand(B, 4, 4)
     rot, origin = cam2world[:, :3, :3], cam2world[:, :3, 3]
@@ -220,15 +219,15 @@ def evaluate(model, args, device, seed, image_size):
         image, depth = item['image'][None].to(device), item['depth'][None].to(device)
         planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
         # the input as seen at the evaluation resolution (the input itself when S = image_size)
-        input_rgb, input_depth = (x[None].to(device) for x in scenes.render_view(i, math.pi / 2, math.pi / 2, S))
+        input_rgb, input_depth = (x[None].to(device) for x in scenes.render_view(i, CANONICAL_YAW, CANONICAL_PITCH, S))
         for dyaw, dpitch in views:
-            yaw, pitch = math.pi / 2 + dyaw, math.pi / 2 + dpitch
+            yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
             true_rgb, true_depth = (x[None].to(device) for x in scenes.render_view(i, yaw, pitch, S))
             rgb, d = model.render_view(planes, yaw, pitch, S, **opts)
             # Novel views can look past the edge of the scene box, where the truth is empty (depth 0):
             # every metric is over the pixels where there is something to see.
             valid = true_depth > 0                                        # (1, 1, S, S)
-            m = dict(psnr=psnr((rgb + 1) / 2, true_rgb, valid).item(),
+            m = dict(psnr=psnr(rgb, true_rgb, valid).item(),
                      depth_mae=depth_mae(d, true_depth, valid),
                      psnr_static=psnr(input_rgb, true_rgb, valid).item(),
                      depth_mae_static=depth_mae(input_depth, true_depth, valid))
@@ -336,7 +335,7 @@ def generate(args, device, out_dir):
 
 def main(argv):
     args = parse_args(argv)
-    device = args.device if args.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = data.resolve_device(args.device)
     torch.manual_seed(args.seed)
     if args.mesh or args.points:
         import mesh

@@ -9,7 +9,7 @@ Why they exist: G3DR learns 3D from single views, and an ImageNet photo has no t
 novel view with. Here every scene is known exactly, so a reconstruction can be scored from any camera
 (sample.py --eval), and training runs in minutes on a CPU.
 
-A scene is a few solids in the box [-1, 1]^3 (README §2) in front of a back wall, seen by the
+A scene is a few solids in the box [-1, 1]^3 (the scene box of render.py) in front of a back wall, seen by the
 canonical camera at (-5, 0, 0) looking along +x with a field of view of 18 degrees. The wall is a
 slab x in [wall_x, 1] that fills the back of the box (wall_x <= 0.8, so even the corner rays of the
 canonical view stop at depth < 6), optionally with a plinth slab the objects stand on, so every
@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from data import DataError
-from render import get_rays, orbit_camera
+from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 
 SHAPES = ('sphere', 'box', 'cylinder', 'cone', 'torus', 'capsule')  # the class names
-_TAN_HALF_FOV = math.tan(math.radians(18.0) / 2)
 _ALBEDO_PARAMS = 16  # per solid: colour0 (3), colour1 (3), gradient (3), stripe_vec (3), stripe_amp, centre (3)
 
 
@@ -163,14 +162,14 @@ def make_scene(seed, index):
 
         for _ in range(20):  # rejection sampling of the position
             x = rng.uniform(max(-1 + radius, -0.55), wall_x - radius - 0.03)
-            half_view = _TAN_HALF_FOV * (x + 5)  # half width of the canonical view at this depth
+            half_view = math.tan(math.radians(FOV_DEGREES) / 2) * (x + CAMERA_RADIUS)  # of the canonical view here
             spread = 0.25 if i == 0 else 0.85
             z = np.clip(rng.uniform(-spread, spread) * half_view, -0.98 + radius, 0.98 - radius)
             if floor_y is None:
                 y = np.clip(rng.uniform(-spread, spread) * half_view, -0.98 + radius, 0.98 - radius)
             else:
                 y = floor_y + _lowest_point(shape, size, rotation)
-            centre_2d, radius_2d = np.array([z, y]) / (x + 5), radius / (x + 5)
+            centre_2d, radius_2d = np.array([z, y]) / (x + CAMERA_RADIUS), radius / (x + CAMERA_RADIUS)
             if all(np.linalg.norm(centre_2d - c) >= 0.75 * (radius_2d + r) for c, r in placed):
                 break
         else:
@@ -436,11 +435,11 @@ class SyntheticScenes(torch.utils.data.Dataset):
     def scene(self, index):
         return make_scene(self.seed, self._index(index))
 
-    def _render(self, scenes, yaw, pitch, image_size, radius, fov):
-        S, B = int(image_size or self.image_size), len(scenes)
+    def _render(self, scenes, yaw, pitch, resolution, radius, fov):
+        S, B = int(resolution or self.image_size), len(scenes)
         yaw, pitch = [a.detach().cpu() if torch.is_tensor(a) else a for a in (yaw, pitch)]  # ray casting runs on the CPU
         canonical = not torch.is_tensor(yaw) and not torch.is_tensor(pitch) and \
-            (yaw, pitch, radius, fov) == (math.pi / 2, math.pi / 2, 5.0, 18.0)
+            (yaw, pitch, radius, fov) == (CANONICAL_YAW, CANONICAL_PITCH, CAMERA_RADIUS, FOV_DEGREES)
         if canonical and S in self._canonical_rays:
             rays_o, rays_d = self._canonical_rays[S]
         else:
@@ -451,20 +450,21 @@ class SyntheticScenes(torch.utils.data.Dataset):
         rgb, depth, _ = raycast(scenes, rays_o.expand(B, -1, -1), rays_d.expand(B, -1, -1))
         return rgb.view(B, S, S, 3).permute(0, 3, 1, 2).contiguous(), depth.view(B, 1, S, S)
 
-    def render_views(self, indices, yaw, pitch, image_size=None, radius=5.0, fov=18.0):
+    def render_views(self, indices, yaw, pitch, resolution=None, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
         """Ground truth of scenes `indices` from orbit cameras (yaw, pitch floats or (B,) tensors;
-        README §2). Returns images (B, 3, S, S) in [0, 1] and depth (B, 1, S, S)."""
-        return self._render([self.scene(i) for i in indices], yaw, pitch, image_size, radius, fov)
+        render.orbit_camera). Returns images (B, 3, S, S) in [0, 1] and depth (B, 1, S, S), as
+        model.G3DR.render_view."""
+        return self._render([self.scene(i) for i in indices], yaw, pitch, resolution, radius, fov)
 
-    def render_view(self, index, yaw, pitch, image_size=None, radius=5.0, fov=18.0):
+    def render_view(self, index, yaw, pitch, resolution=None, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
         """Ground truth (image (3, S, S) in [0, 1], depth (1, S, S)) of scene `index` from an orbit camera."""
-        images, depths = self.render_views([index], yaw, pitch, image_size, radius, fov)
+        images, depths = self.render_views([index], yaw, pitch, resolution, radius, fov)
         return images[0], depths[0]
 
     def __getitems__(self, indices):
         indices = [self._index(i) for i in indices]
         scenes = [make_scene(self.seed, i) for i in indices]
-        images, depths = self._render(scenes, math.pi / 2, math.pi / 2, None, 5.0, 18.0)
+        images, depths = self._render(scenes, CANONICAL_YAW, CANONICAL_PITCH, None, CAMERA_RADIUS, FOV_DEGREES)
         return [dict(image=images[j], depth=depths[j], label=scenes[j]['label'], path=f"synthetic/seed{self.seed}/{i}")
                 for j, i in enumerate(indices)]
 

@@ -16,6 +16,7 @@ import random
 import shutil
 import torch
 
+import resume
 import train
 from model import UnsafeCheckpointError
 from test_model import write_malicious_checkpoint
@@ -234,35 +235,35 @@ def test_views_drawn_per_micro_batch_and_reproducible():
 # the resumable, distributed sampler
 
 def test_sampler_resumes_exactly_and_splits_ranks():
-    full = list(train.StepBatchSampler(10, 3, 0, 1, seed=5, start_step=0, max_steps=8))
-    resumed = list(train.StepBatchSampler(10, 3, 0, 1, seed=5, start_step=5, max_steps=8))
+    full = list(resume.StepBatchSampler(10, 3, 0, 1, seed=5, start_step=0, max_steps=8))
+    resumed = list(resume.StepBatchSampler(10, 3, 0, 1, seed=5, start_step=5, max_steps=8))
     assert resumed == full[5:]
     # one epoch: every index once
     assert sorted(sum(full[:3], []) + full[3][:1]) == list(range(10))
     # two ranks: disjoint within an epoch, and together the single-process stream
-    r0 = list(train.StepBatchSampler(12, 3, 0, 2, seed=5, start_step=0, max_steps=2))
-    r1 = list(train.StepBatchSampler(12, 3, 1, 2, seed=5, start_step=0, max_steps=2))
-    single = list(train.StepBatchSampler(12, 6, 0, 1, seed=5, start_step=0, max_steps=2))
+    r0 = list(resume.StepBatchSampler(12, 3, 0, 2, seed=5, start_step=0, max_steps=2))
+    r1 = list(resume.StepBatchSampler(12, 3, 1, 2, seed=5, start_step=0, max_steps=2))
+    single = list(resume.StepBatchSampler(12, 6, 0, 1, seed=5, start_step=0, max_steps=2))
     assert [a + b for a, b in zip(r0, r1)] == single
     assert sorted(sum(r0 + r1, [])) == list(range(12))
     # gradient accumulation: one process's 3 micro-batches of step s hold the images of 3 processes at step s,
     # in the order draw_view numbers them (chunk = micro * world_size + rank)
-    one = train.StepBatchSampler(50, 2, 0, 1, seed=5, start_step=0, max_steps=4 * 3)
-    three = [train.StepBatchSampler(50, 2, r, 3, seed=5, start_step=0, max_steps=4) for r in range(3)]
+    one = resume.StepBatchSampler(50, 2, 0, 1, seed=5, start_step=0, max_steps=4 * 3)
+    three = [resume.StepBatchSampler(50, 2, r, 3, seed=5, start_step=0, max_steps=4) for r in range(3)]
     for s in range(4):
         assert [one.batch(s * 3 + k) for k in range(3)] == [three[r].batch(s) for r in range(3)]
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / 'ckpt.pt'
-    train.save_checkpoint(str(path), {'step': 1})
+    resume.save_checkpoint(str(path), {'step': 1})
 
     def broken_save(obj, f):
         f.write(b'half a checkpoint')
         raise KeyboardInterrupt  # killed mid-write
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(path), {'step': 2})
+        resume.save_checkpoint(str(path), {'step': 2})
     monkeypatch.undo()
     assert torch.load(path)['step'] == 1  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ['ckpt.pt']  # and no temporary file is left behind
@@ -277,18 +278,18 @@ def test_rng_state_is_per_rank_and_round_trips_through_the_safe_loader(tmp_path)
     for rank in range(2):
         torch.manual_seed(10 + rank), np.random.seed(10 + rank), random.seed(10 + rank)
         np.random.randn()  # leaves a cached gaussian in numpy's state
-        states.append(train._rng_state('cpu'))
+        states.append(resume.rng_state('cpu'))
     expected = _draw()   # what rank 1 draws next
-    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'rng': states})
+    resume.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'rng': states})
     saved = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['rng']
-    train._set_rng_state(saved, rank=1, step=5, seed=3, device='cpu')
+    resume.set_rng_state(saved, rank=1, step=5, seed=3, device='cpu')
     assert _draw() == expected
-    train._set_rng_state(saved, rank=0, step=5, seed=3, device='cpu')
+    resume.set_rng_state(saved, rank=0, step=5, seed=3, device='cpu')
     assert _draw() != expected
     # a rank the saved run did not have: seeded from (seed, rank, step), distinct per rank
     draws = {}
     for rank, step in ((2, 5), (2, 5), (3, 5), (2, 6)):
-        train._set_rng_state(saved, rank=rank, step=step, seed=3, device='cpu')
+        resume.set_rng_state(saved, rank=rank, step=step, seed=3, device='cpu')
         draws.setdefault((rank, step), []).append(_draw())
     assert draws[(2, 5)][0] == draws[(2, 5)][1]
     assert len({str(d[0]) for d in draws.values()}) == 3
@@ -296,7 +297,7 @@ def test_rng_state_is_per_rank_and_round_trips_through_the_safe_loader(tmp_path)
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
     older = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
     expected = _draw()
-    train._set_rng_state(older, rank=0, step=5, seed=3, device='cpu')
+    resume.set_rng_state(older, rank=0, step=5, seed=3, device='cpu')
     assert _draw() == expected
 
 
@@ -310,7 +311,7 @@ def test_scheduler_state_keeps_only_what_the_safe_loader_reads(tmp_path):
         sched.optimizer.step(), sched.step()
     state = sched.state_dict()
     state['anneal_func'] = sched.state_dict  # what some PyTorch versions store: a bound method
-    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'scheduler': train._plain(state)})
+    resume.save_checkpoint(str(tmp_path / 'ckpt.pt'), {'scheduler': resume.plain_state(state)})
     plain = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['scheduler']
     assert 'anneal_func' not in plain and plain['total_steps'] == 10
     resumed = make()
@@ -445,7 +446,7 @@ def test_rgbd_checkpoint_is_safe_and_resumes_exactly_also_from_the_older_format(
     uninterrupted run (the diffusion noise comes from the restored RNG state): from our checkpoint
     as it is, and from one in the layout written before (numpy RNG state pickled), with trust."""
     import diffusion
-    monkeypatch.setattr(train, 'rgbd_grid', lambda *a, **k: None)  # the pictures are not what is tested here
+    monkeypatch.setattr(diffusion, 'rgbd_grid', lambda *a, **k: None)  # the pictures are not what is tested here
     args = ['--stage', 'rgbd', '--image_size', '16', '--batch_size', '4', '--num_scenes', '32', '--max_steps', '4',
             '--save_every', '2', '--sample_every', '1000', '--log_every', '1']
     full = train.main([*args, '--out_dir', str(tmp_path / 'full')])

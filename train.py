@@ -2,7 +2,7 @@
 Train G3DR.
 
     python train.py                                     # small run on built-in synthetic scenes (CPU, minutes)
-    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (README §5), one GPU
+    python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (RECIPES), one GPU
     torchrun --standalone --nproc_per_node=6 train.py --dataset imagenet --data_dir PATH   # ... on six
     python train.py --stage rgbd                        # the class-conditional RGB-D diffusion model f_rgbd
 
@@ -11,7 +11,6 @@ Every key of `config` below can be overridden as `--key value` or `--key=value`;
 """
 import contextlib
 import json
-import logging
 import math
 import os
 import random
@@ -22,10 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import atomic_write, one_line
-from losses import WeightsUnavailable, depth_loss, opacity_loss, recon_loss, tv_loss
+import diffusion
+from configurator import ConfigError, parse_overrides
+from data import one_line, resolve_device
+from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from model import load_checkpoint
-from render import get_rays, orbit_camera
+from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
+from resume import (make_loader, plain_state, prepare_out_dir, rng_states, save_checkpoint, set_rng_state,
+                    setup_distributed)
 
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line. The values below are the synthetic recipe (a
@@ -51,7 +54,7 @@ config = dict(
     image_size=64,           # side of the training images
     projection='yz',         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
     levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
-    # optimisation (Adam + one-cycle, README §5)
+    # optimisation (Adam + one-cycle)
     max_steps=1200,
     global_batch=4,          # images per optimiser step over all processes: batch_size x processes x accumulation
     batch_size=4,            # per process and micro-step
@@ -79,7 +82,7 @@ config = dict(
     rescale_cmin=0.3,
     rescale_cmax=1.0,
     gradient_rescaling=True,  # the paper's gradient rescaling (Sec. 3.2) on canonical steps
-    # losses (README §5); image terms compare images in [-1, 1]
+    # losses (losses.py); image terms compare images in [-1, 1]
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
     w_depth=2.0,
@@ -97,7 +100,7 @@ config = dict(
     # VGG channel weights: 'lpips' (LPIPS' learned ones, from the installed lpips package, as released),
     # 'uniform' (all 1: the sum over channels, what the synthetic recipe was tuned with), or a vgg.pth file
     lpips_weights='uniform',
-    # novel views (README §5)
+    # novel views (novel_camera)
     p_novel_max=0.1,         # P(novel) = min(p_novel_max, 2 step / max_steps) (released 0.4)
     yaw_div_start=24.0,      # yaw = pi/2 + U(-1, 1) pi / d, d falls linearly from start to end ...
     yaw_div_end=6.0,
@@ -120,7 +123,7 @@ config = dict(
 # `--dataset X` puts these on top of `config` (which is the synthetic recipe itself).
 RECIPES = {
     'synthetic': {},
-    # The released recipe (README §5): 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
+    # The released recipe: 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
     # clipping, beta1 cycling with the one-cycle lr, fp32, LPIPS with its learned channel weights. On fewer
     # GPUs, gradient accumulation makes up the 48.
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
@@ -143,59 +146,10 @@ RGBD_RECIPES = {
 DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_trigen / the f_rgbd denoiser
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _parse_value(key, text, default):
-    """Turn a command-line string into the type of the key's default."""
-    if isinstance(default, bool):
-        if text.lower() in ('1', 'true', 'yes', 'on'):
-            return True
-        if text.lower() in ('0', 'false', 'no', 'off'):
-            return False
-        raise ConfigError(f"--{key} expects true/false, got {text!r}")
-    if isinstance(default, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"--{key} expects an integer, got {text!r}") from None
-    if isinstance(default, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"--{key} expects a number, got {text!r}") from None
-    return text
-
-
-def _parse_overrides(argv, base):
-    """`--key value` / `--key=value` -> {key: value typed like base[key]}."""
-    overrides, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith('--'):
-            raise ConfigError(f"unexpected argument {arg!r} (use --key value or --key=value)")
-        key, eq, value = arg[2:].partition('=')
-        key = key.replace('-', '_')
-        if key not in base:
-            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
-        if not eq:
-            if isinstance(base[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
-                value = 'true'  # a bare boolean flag: --resume
-            elif i + 1 < len(argv):
-                i += 1
-                value = argv[i]
-            else:
-                raise ConfigError(f"--{key} needs a value")
-        overrides[key] = _parse_value(key, value, base[key])
-        i += 1
-    return overrides
-
-
 def _resolve(argv, base=None):
     """config, then the dataset's recipe, then the stage's, then the command line. With base (a resumed run's
     saved config, recipes already applied) only the command line goes on top."""
-    overrides = _parse_overrides(argv, config if base is None else base)
+    overrides = parse_overrides(argv, config if base is None else base)
     if base is not None:
         return dict(base, **overrides)
     dataset = overrides.get('dataset', config['dataset'])
@@ -250,7 +204,7 @@ def print_help(argv):
 
 
 # -----------------------------------------------------------------------------
-# schedules of the released recipe (README §5)
+# schedules of the released recipe
 
 def p_novel(step, cfg):
     """P(novel view) rises linearly and never exceeds p_novel_max."""
@@ -262,11 +216,11 @@ def novel_camera(step, batch_size, cfg, generator):
     progress = min(1.0, step / max(1.0, cfg['yaw_curriculum'] * cfg['max_steps']))
     d = cfg['yaw_div_start'] + (cfg['yaw_div_end'] - cfg['yaw_div_start']) * progress
     u = torch.rand(2, batch_size, generator=generator) * 2 - 1
-    return math.pi / 2 + u[0] * math.pi / d, math.pi / 2 + u[1] * math.pi / cfg['pitch_div']
+    return CANONICAL_YAW + u[0] * math.pi / d, CANONICAL_PITCH + u[1] * math.pi / cfg['pitch_div']
 
 
 def term_weights(step, novel, cfg):
-    """The loss terms of a canonical or novel step and their weights (README §5). Canonical: rgb, depth,
+    """The loss terms of a canonical or novel step and their weights. Canonical: rgb, depth,
     VGG (all levels) and CLIP, the last two only after `perceptual_start`; novel: CLIP, VGG (deepest two
     levels) and TV(depth); both: the opacity term, its weight rising linearly over the first `opacity_ramp`.
     A perceptual term of weight 0 is not computed."""
@@ -292,53 +246,8 @@ def draw_view(step, chunk, batch_size, cfg):
     if novel:
         yaw, pitch = novel_camera(step, batch_size, cfg, gen)
     else:                                                             # the canonical camera
-        yaw = pitch = torch.full((batch_size,), math.pi / 2)
+        yaw, pitch = torch.full((batch_size,), CANONICAL_YAW), torch.full((batch_size,), CANONICAL_PITCH)
     return novel, yaw, pitch, gen
-
-
-# -----------------------------------------------------------------------------
-# data: a deterministic, resumable, distributed stream of batches
-
-class StepBatchSampler:
-    """Yields the dataset indices of this process's batch for (micro-)steps start_step, start_step + 1, ...
-    Global sample g = (step * world_size + rank) * batch_size + i reads position g mod n of the
-    permutation of epoch g // n. The batches are a function of the step alone, so a resumed run
-    continues exactly where it stopped, and no two processes see the same sample in an epoch.
-    With gradient accumulation the steps here are micro-steps: optimiser step s, micro-step k is
-    s * accumulation + k, so a step's images are the same on any number of processes."""
-
-    def __init__(self, n, batch_size, rank, world_size, seed, start_step, max_steps):
-        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
-        self.seed, self.start_step, self.max_steps = seed, start_step, max_steps
-        self._perms = {}
-
-    def _perm(self, epoch):
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep memory flat
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def batch(self, step):
-        first = (step * self.world_size + self.rank) * self.batch_size
-        return [int(self._perm(g // self.n)[g % self.n]) for g in range(first, first + self.batch_size)]
-
-    def __iter__(self):
-        for step in range(self.start_step, self.max_steps):
-            yield self.batch(step)
-
-    def __len__(self):
-        return max(0, self.max_steps - self.start_step)
-
-
-def make_loader(dataset, cfg, rank, world_size, start_step, accumulation):
-    sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
-                               start_step * accumulation, cfg['max_steps'] * accumulation)
-    # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
-    # resumed run has just restored from the checkpoint and must continue exactly.
-    generator = torch.Generator().manual_seed(_seed_from(cfg['seed'], rank, start_step))
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
-                                       pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 def make_dataset(cfg):
@@ -351,7 +260,7 @@ def make_dataset(cfg):
 
 
 # -----------------------------------------------------------------------------
-# f_trigen stage: one canonical or novel training step (README §5)
+# f_trigen stage: one canonical or novel training step
 
 class _EncodeRender(torch.nn.Module):
     """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step.
@@ -373,7 +282,7 @@ def _to_image(x, size):
 
 
 def _at_render_size(x, size):
-    """Targets at the render resolution. Rays pass through a corner-inclusive grid (README §2),
+    """Targets at the render resolution. Rays pass through a corner-inclusive grid (render.get_rays),
     so bilinear resampling with align_corners=True reads the pixels exactly where the rays go."""
     if x.shape[-1] == size:
         return x
@@ -387,8 +296,8 @@ def _random_canonical_rays(image, depth, n_rays, generator):
     (B, n, 3) and depth (B, n, 1)."""
     B, S = image.shape[0], image.shape[-1]
     idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, n)
-    canonical = torch.full((B,), math.pi / 2)
-    rays_o, rays_d = get_rays(orbit_camera(canonical, canonical).to(image.device), 18.0, S)   # (B, S*S, 3)
+    yaw, pitch = torch.full((B,), CANONICAL_YAW), torch.full((B,), CANONICAL_PITCH)
+    rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(image.device), FOV_DEGREES, S)   # (B, S*S, 3)
 
     def take(x):  # (B, S*S, K) -> (B, n, K), ray index = row * S + col
         return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
@@ -409,7 +318,7 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
         rays_o, rays_d, image_r, depth_r = _random_canonical_rays(image, depth, R * R, gen)  # (B, R*R, K) each
         as_image = lambda x: x                                        # per-ray losses need no image
     else:
-        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), 18.0, R)  # (B, R*R, 3)
+        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), FOV_DEGREES, R)  # (B, R*R, 3)
         image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
         as_image = lambda x: _to_image(x, R)                          # (B, R*R, K) -> (B, K, R, R)
     opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
@@ -443,129 +352,6 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
     return sum(terms.values()), terms, dict(novel=novel, weights=w)
 
 
-def load_perceptual(cfg, device, rank):
-    """The frozen VGG16 / CLIP backbones. Synthetic runs use them only when their pretrained weights are
-    already in the local cache (no download: on a CPU they would also cost more than the rest of the step)
-    and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
-    fail when they cannot be had, unless the terms are turned off."""
-    import losses
-    perceptual, download = {}, cfg['dataset'] != 'synthetic'
-    wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
-    for name, needed in wanted.items():
-        if not needed:
-            continue
-        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
-        try:
-            if name == 'vgg':
-                module = losses.VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
-                                              download=download)
-            else:
-                module = losses.CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
-                                                  download=download)
-        except WeightsUnavailable as e:
-            if cfg['dataset'] != 'synthetic':
-                raise
-            if rank == 0:
-                off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
-                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
-                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
-                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
-                      flush=True)
-            continue
-        finally:
-            logging.disable(logging.NOTSET)
-        perceptual[name] = module.to(device)
-    return perceptual
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: written atomically, so a run killed at any moment leaves the last good one intact
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))  # a temporary PATH.tmp-PID, renamed into place
-
-
-_DROP = object()
-
-
-def _plain(value):
-    """`value` with every entry the safe loader (torch.load weights_only=True) would refuse left out:
-    some PyTorch versions put functions in scheduler state dicts (OneCycleLR's anneal_func), which the
-    scheduler rebuilds from its constructor arguments anyway."""
-    if isinstance(value, dict):
-        items = {k: _plain(v) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return _DROP if _DROP in items else type(value)(items)
-    return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else _DROP
-
-
-def _seed_from(*numbers):
-    """A well-mixed 32-bit seed from non-negative integers, e.g. (seed, rank, step)."""
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
-
-
-def _rng_state(device):
-    """This process's RNG state as tensors and plain lists (safe to load): CPU, numpy, python, and
-    its own GPU's when it runs on one."""
-    _, key, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    state = dict(torch=torch.get_rng_state(),
-                 numpy=dict(key=torch.from_numpy(key.astype(np.int64)), pos=int(pos), has_gauss=int(has_gauss),
-                            cached_gaussian=float(cached_gaussian)),
-                 python=[version, list(internal), gauss])
-    if str(device).startswith('cuda'):
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _rng_states(device, world_size):
-    """Every process's _rng_state, indexed by rank (a collective: every process calls it)."""
-    if world_size == 1:
-        return [_rng_state(device)]
-    states = [None] * world_size
-    torch.distributed.all_gather_object(states, _rng_state(device))
-    return states
-
-
-def _set_rng_state(states, rank, step, seed, device):
-    """Restore this process's RNG state from a checkpoint's per-rank list. A rank the saved run did not
-    have (resumed on more processes) seeds from (seed, rank, step) instead: deterministic, and distinct
-    per rank. Checkpoints from before per-rank states hold one dict (numpy state as a tuple, the GPU
-    states of every visible device): it is rank 0's."""
-    states = [states] if isinstance(states, dict) else list(states or [])
-    if rank >= len(states):
-        s = _seed_from(seed, rank, step)
-        torch.manual_seed(s)  # CPU and every GPU
-        np.random.seed(s)
-        random.seed(s)
-        return
-    state = states[rank]
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state(n if isinstance(n, tuple) else
-                        ('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    cuda = state.get('cuda')
-    if str(device).startswith('cuda') and cuda is not None:
-        if isinstance(cuda, (list, tuple)):  # the older layout: one state per visible GPU
-            index = torch.device(device).index or 0
-            cuda = cuda[index] if index < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-
-
-def _trim_metrics(path, last_step):
-    """On resume, drop metric lines logged after the checkpoint we continue from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= last_step]
-    atomic_write(path, lambda f: f.write(''.join(lines).encode()))
-
-
 # -----------------------------------------------------------------------------
 # pictures people look at
 
@@ -573,56 +359,34 @@ def _trim_metrics(path, last_step):
 def trigen_grid(model, batch, cfg, device, path):
     """Rows: scenes. Columns: input, canonical render, its depth, then two novel views and their depth."""
     import data
-    image = batch['image'][:4].to(device) * 2 - 1
+    image = batch['image'][:4].to(device)                                # (4, 3, S, S) in [0, 1]
     depth = batch['depth'][:4].to(device)
     S = cfg['image_size']
-    planes = model.encode(torch.cat([image, depth], 1))
+    planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
     columns = [image]
-    for yaw in (math.pi / 2, math.pi / 2 - math.pi / 6, math.pi / 2 + math.pi / 6):
-        rgb, d = model.render_view(planes, yaw, math.pi / 2, S, n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'])
-        columns += [rgb, data.colorize_depth(d) * 2 - 1]
-    data.save_grid(torch.stack(columns, 1).flatten(0, 1).add(1).div(2), path, nrow=len(columns))
+    for yaw in (CANONICAL_YAW, CANONICAL_YAW - math.pi / 6, CANONICAL_YAW + math.pi / 6):
+        rgb, d = model.render_view(planes, yaw, CANONICAL_PITCH, S, n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'])
+        columns += [rgb, data.colorize_depth(d)]
+    data.save_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns))
 
 
 # -----------------------------------------------------------------------------
 
 def _device(cfg):
-    """The device asked for. 'auto' is the GPU, or the CPU for synthetic runs only: an ImageNet run on the CPU
-    (about 85 s a step at paper size) has to be asked for with --device cpu."""
-    device = cfg['device']
-    if device == 'auto':
-        if torch.cuda.is_available():
-            return 'cuda'
-        if cfg['dataset'] == 'imagenet':
-            raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
-                              "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
-        return 'cpu'
-    if device.startswith('cuda') and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available in this torch install")
-    return device
-
-
-def setup_distributed(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process. Each process
-    makes its own GPU the current one and touches no other."""
-    device = _device(cfg)
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        use_cuda = device.startswith('cuda')
-        if use_cuda:
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    if device.startswith('cuda'):
-        torch.cuda.set_device(torch.device(device))
-    return 0, 1, device
+    """The device asked for (data.resolve_device), except that 'auto' without a GPU is the CPU for synthetic
+    runs only: an ImageNet run on the CPU (about 85 s a step at paper size) has to be asked for with --device cpu."""
+    if cfg['device'] == 'auto' and cfg['dataset'] == 'imagenet' and not torch.cuda.is_available():
+        raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
+                          "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
+    try:
+        return resolve_device(cfg['device'])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_model(cfg):
     """The trained model and the module whose forward() makes one training step's prediction."""
     if cfg['stage'] == 'rgbd':
-        import diffusion
         num_classes = make_dataset(cfg).num_classes
         model = diffusion.make_denoiser(num_classes, size=cfg['rgbd_size'], image_size=cfg['image_size'])
         return model, model
@@ -634,31 +398,6 @@ def build_model(cfg):
         model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
                           levels=cfg['levels']))
     return model, _EncodeRender(model)
-
-
-def rgbd_losses(net, batch, step, cfg, device, autocast):
-    """f_rgbd stage: the denoising loss on RGB-D images (rgb and depth mapped to [-1, 1])."""
-    import diffusion
-    x0 = diffusion.rgbd_to_x(batch['image'].to(device), batch['depth'].to(device))   # (B, 4, S, S)
-    labels = batch['label'].to(device)
-    with autocast():
-        loss = diffusion.diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
-    return loss, {'diffusion': loss}, {}
-
-
-@torch.no_grad()
-def rgbd_grid(model, num_classes, cfg, device, path):
-    """One row per class (up to 8): generated RGB beside its colourised depth."""
-    import data
-    import diffusion
-    k = min(num_classes, 8)
-    labels = torch.arange(k, device=device).repeat_interleave(2)
-    gen = torch.Generator(device=device).manual_seed(cfg['seed'])
-    x = diffusion.ddim_sample(model, (len(labels), 4, cfg['image_size'], cfg['image_size']), labels,
-                              steps=50, generator=gen)
-    image, depth = diffusion.x_to_rgbd(x)
-    cells = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
-    data.save_grid(cells, path, nrow=4)
 
 
 def main(argv):
@@ -686,7 +425,7 @@ def main(argv):
     elif os.path.exists(ckpt_path):
         raise ConfigError(f"{ckpt_path} already exists: pass --resume to continue that run, or pick another --out_dir")
 
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size, device = setup_distributed(_device(cfg))
     torch.manual_seed(cfg['seed'] + rank)
     np.random.seed(cfg['seed'] + rank)
     random.seed(cfg['seed'] + rank)
@@ -720,7 +459,7 @@ def main(argv):
         optimizer.load_state_dict(ckpt['optimizer'])
         scheduler.load_state_dict(ckpt['scheduler'])
         start_step = ckpt['step']
-        _set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
+        set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
     if cfg['compile']:
         if cfg['stage'] == 'trigen':
             model.encode = torch.compile(model.encode)
@@ -736,14 +475,10 @@ def main(argv):
             return trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast)
     else:
         def step_fn(batch, step, chunk):
-            return rgbd_losses(net, batch, step, cfg, device, autocast)
+            return diffusion.rgbd_losses(net, batch, step, cfg, device, autocast)
 
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        _trim_metrics(os.path.join(out_dir, 'metrics.jsonl'), start_step)
-        for name in os.listdir(out_dir):  # what a run killed in the middle of a save left behind
-            if name.startswith('ckpt.pt.tmp-'):
-                os.remove(os.path.join(out_dir, name))
+        prepare_out_dir(out_dir, start_step)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"stage {cfg['stage']} | {cfg['dataset']} ({len(dataset)} items) | {n_params / 1e6:.2f}M parameters | "
               f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} of {cfg['global_batch']} images "
@@ -759,11 +494,11 @@ def main(argv):
     def save(step):
         """Called by every process: each contributes its own RNG state; rank 0 writes. Everything in the
         file is tensors and plain Python values, so torch.load(..., weights_only=True) reads it."""
-        rng = _rng_states(device, world_size)
+        rng = rng_states(device, world_size)
         if rank != 0:
             return
         state = dict(stage=cfg['stage'], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=_plain(scheduler.state_dict()), step=step, config=cfg, rng=rng)
+                     scheduler=plain_state(scheduler.state_dict()), step=step, config=cfg, rng=rng)
         if cfg['stage'] == 'trigen':
             state['model_config'] = model.config
         else:
@@ -837,7 +572,7 @@ def main(argv):
                 if cfg['stage'] == 'trigen':
                     trigen_grid(model, shown_batch, cfg, device, path)
                 else:
-                    rgbd_grid(model, dataset.num_classes, cfg, device, path)
+                    diffusion.rgbd_grid(model, dataset.num_classes, cfg, device, path)
         if done % cfg['save_every'] == 0 or done == cfg['max_steps']:
             save(done)
     pbar.close()

@@ -1,5 +1,5 @@
 """
-The UNet family of G3DR. f_trigen (README §4) is a denoising-diffusion-style UNet whose time input is
+The UNet family of G3DR. f_trigen is a denoising-diffusion-style UNet whose time input is
 pinned to t = 1; with a real time input and a class embedding the same network is the f_rgbd
 denoiser (diffusion.py). Module and attribute names follow the authors' release, so their state dict
 loads into `G3DR.unet` (model.py) with nothing more than the 'module.' prefix stripped.
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def _norm_eps(dtype):
-    # README §4: eps 1e-5 when the statistics are computed in float32, 1e-3 otherwise
+    # as released: eps 1e-5 when the statistics are computed in float32, 1e-3 otherwise
     return 1e-5 if dtype == torch.float32 else 1e-3
 
 
@@ -158,7 +158,7 @@ def _upsample(dim_in, dim_out):
 
 
 class UNet(nn.Module):
-    """The f_trigen UNet family (README §4).
+    """The f_trigen UNet family.
 
     f_trigen: in_channels 4 (rgb in [-1, 1], depth in scene units), out_channels 3 C, a learned
     positional embedding, no time input (the constant t = 1). As the f_rgbd diffusion denoiser:

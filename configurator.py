@@ -1,0 +1,53 @@
+"""
+`--key value` / `--key=value` command-line overrides of a config dict (train.py's `config`), typed like the
+key's default. As nanoGPT's configurator.py: the config and its values live in the script, the parsing here.
+"""
+
+
+class ConfigError(ValueError):
+    """A bad command line or config value; train.py prints it as a one-line error."""
+
+
+def parse_value(key, text, default):
+    """Turn a command-line string into the type of the key's default."""
+    if isinstance(default, bool):
+        if text.lower() in ('1', 'true', 'yes', 'on'):
+            return True
+        if text.lower() in ('0', 'false', 'no', 'off'):
+            return False
+        raise ConfigError(f"--{key} expects true/false, got {text!r}")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects an integer, got {text!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--{key} expects a number, got {text!r}") from None
+    return text
+
+
+def parse_overrides(argv, base):
+    """`--key value` / `--key=value` -> {key: value typed like base[key]}."""
+    overrides, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith('--'):
+            raise ConfigError(f"unexpected argument {arg!r} (use --key value or --key=value)")
+        key, eq, value = arg[2:].partition('=')
+        key = key.replace('-', '_')
+        if key not in base:
+            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
+        if not eq:
+            if isinstance(base[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
+                value = 'true'  # a bare boolean flag: --resume
+            elif i + 1 < len(argv):
+                i += 1
+                value = argv[i]
+            else:
+                raise ConfigError(f"--{key} needs a value")
+        overrides[key] = parse_value(key, value, base[key])
+        i += 1
+    return overrides
