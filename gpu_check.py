@@ -46,8 +46,8 @@ SIZES = {
 }
 # train.py at tiny sizes, for the resume and DDP rows
 TRAIN_TINY = ["--model_size", "tiny", "--image_size", "16", "--render_size", "8", "--n_coarse", "4", "--n_fine", "4",
-              "--batch_size", "2", "--global_batch", "2", "--num_scenes", "8", "--sample_every", "1000", "--log_every", "1", "--w_vgg", "0",
-              "--w_vgg_novel", "0", "--w_clip", "0", "--w_clip_novel", "0"]
+              "--batch_size", "2", "--global_batch", "2", "--num_scenes", "8", "--sample_every", "1000",
+              "--log_every", "1", "--w_vgg", "0", "--w_vgg_novel", "0", "--w_clip", "0", "--w_clip_novel", "0"]
 RECIPE_STEPS, RECIPE_GPUS = 300_000, 6
 
 
@@ -271,13 +271,9 @@ def check_bf16_vs_fp32(ctx):
 def check_train_resume(ctx):
     """train.py stopped right after its step-3 checkpoint (of 5 steps), then `train.py --resume` for 2 more."""
     out = Path(tempfile.mkdtemp(prefix="g3dr-check-")) / "run"
-    stop_after_3 = ("import sys, train\n"
-                    "save = train.save_checkpoint\n"
-                    "def save_then_stop(path, state):\n"
-                    "    save(path, state)\n"
-                    "    if state['step'] == 3:\n"
-                    "        sys.exit(0)  # as if the run had been killed right after its step-3 checkpoint\n"
-                    "train.save_checkpoint = save_then_stop\n"
+    # as if the run were killed right after its step-3 checkpoint
+    stop_after_3 = ("import sys, train\nsave = train.save_checkpoint\n"
+                    "train.save_checkpoint = lambda path, state: (save(path, state), state['step'] == 3 and sys.exit(0))\n"
                     "train.main(sys.argv[1:])\n")
     _python(["-c", stop_after_3, *TRAIN_TINY, "--max_steps", "5", "--save_every", "3", "--device", ctx.args.device,
              "--out_dir", str(out)], ctx)

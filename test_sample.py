@@ -154,12 +154,13 @@ def test_imagenet_without_pretrained_weights_is_an_error(tmp_path, monkeypatch):
     Image.new('RGB', (40, 40)).save(folder / 'a.jpg')
     Image.new('I;16', (40, 40)).save(folder / 'a_depth.png')
     r = run_offline('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
-                    '--w_clip', '0', '--w_clip_novel', '0')
+                    '--device', 'cpu', '--w_clip', '0', '--w_clip_novel', '0')
     assert_one_line_error(r, 'VGG16', 'w_vgg=0')
 
 
 def test_missing_data_folder(tmp_path):
-    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'nowhere', '--out_dir', tmp_path / 'o')
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'nowhere', '--out_dir', tmp_path / 'o',
+            '--device', 'cpu')
     assert_one_line_error(r, 'nowhere')
 
 
@@ -167,7 +168,8 @@ def test_missing_depth(tmp_path):
     folder = tmp_path / 'data' / 'n01'
     folder.mkdir(parents=True)
     Image.new('RGB', (40, 40), (200, 10, 10)).save(folder / 'a.jpg')
-    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o')
+    r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
+            '--device', 'cpu')
     assert_one_line_error(r, 'a.jpg')
     r = run('sample.py', '--ckpt', TINY_CKPT, '--official', '--input', folder / 'a.jpg', '--depth', folder / 'a_depth.png')
     assert_one_line_error(r, 'a_depth.png')
@@ -180,7 +182,7 @@ def test_corrupt_image(tmp_path, small_ckpt):
     shutil.copy(SAMPLES / '1551_depth.png', folder / 'a_depth.png')
     r = run('train.py', '--dataset', 'imagenet', '--data_dir', tmp_path / 'data', '--out_dir', tmp_path / 'o',
             '--model_size', 'tiny', '--image_size', 32, '--render_size', 8, '--num_workers', 1, '--batch_size', 1,
-            *NO_PERCEPTUAL)
+            '--global_batch', 1, '--device', 'cpu', *NO_PERCEPTUAL)
     assert_one_line_error(r, 'a.jpg')
     r = run('sample.py', '--ckpt', small_ckpt, '--input', folder / 'a.jpg', *FAST)
     assert_one_line_error(r, 'a.jpg')
