@@ -144,7 +144,8 @@ def test_help_lists_every_key_with_its_value():
 # the recipe's schedules (README §5)
 
 def test_novel_probability_and_camera_curriculum():
-    cfg = train.parse_config(['--max_steps', '300'])
+    assert train.p_novel(299, train.parse_config(['--max_steps', '300'])) == 0.1  # the synthetic recipe's cap
+    cfg = train.parse_config(['--max_steps', '300', '--p_novel_max', '0.4'])      # the released one
     assert train.p_novel(0, cfg) == 0 and train.p_novel(30, cfg) == pytest.approx(0.2)
     assert train.p_novel(60, cfg) == 0.4 and train.p_novel(299, cfg) == 0.4
     g = torch.Generator().manual_seed(0)
