@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from data import resolve_device
+from data import atomic_write, resolve_device
 from model import Decoder, make_field
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
 
@@ -259,10 +259,8 @@ def _run_script(argv, log_path):
         raise SystemExit(f"error: {' '.join(argv[:2])} failed, see {log_path}")
 
 
-def _write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+def _write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def bench_ablate(args):
@@ -305,7 +303,7 @@ def bench_ablate(args):
     meta = dict(steps=args.steps, seeds=args.seeds, eval_scenes=args.eval_scenes, extra=args.extra,
                 overrides={n: ABLATIONS[n] for n in names}, wall_s=round(time.time() - t_start),
                 load_average=os.getloadavg())
-    _write_atomic(os.path.join(args.out_dir, "ablate.json"), json.dumps(dict(meta=meta, table=table), indent=2))
+    _write_text(os.path.join(args.out_dir, "ablate.json"), json.dumps(dict(meta=meta, table=table), indent=2))
     header = ["variant", "PSNR canonical", "PSNR novel", "depth err. novel", "NFS", "mean-colour image (canon.)",
               "static (novel)", "warp (novel)", "static depth err."]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -316,7 +314,7 @@ def bench_ablate(args):
     note = (f"\n{args.steps} steps per run, seeds {' '.join(map(str, args.seeds))} (held-out scenes: seed + 1, "
             f"{args.eval_scenes} per run); mean ± half the range over the seeds. Baseline columns score the "
             f"input itself on the same pixels. Wall time {meta['wall_s']} s.\n")
-    _write_atomic(os.path.join(args.out_dir, "ablate.md"), "\n".join(lines) + "\n" + note)
+    _write_text(os.path.join(args.out_dir, "ablate.md"), "\n".join(lines) + "\n" + note)
     print("\n".join(lines) + "\n" + note)
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from data import atomic_write
+
 REPO = Path(__file__).resolve().parent
 FIXTURES = REPO / "fixtures"
 TINY_CLIP = "g3dr-check-tiny-clip"  # a small random open_clip ViT for CPU timing (see _perceptual)
@@ -573,10 +575,8 @@ def _run_rows(ctx, args):
         print(f"[{time.monotonic() - start:6.1f} s] {row_id:<4} {status:<11} {check}: {value}", flush=True)
     _print_table(rows)
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "size": args.size, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        report = {"device": name, "torch": torch.__version__, "size": args.size, "rows": rows}
+        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
     failed = [i for i, r in rows.items() if r["status"] == "FAIL" and (i.startswith("A") or i in EXIT_ROWS)]
     if failed:
         print(f"FAILED: {', '.join(failed)}", flush=True)
