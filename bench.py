@@ -21,14 +21,11 @@ import time
 
 import torch
 
-from data import atomic_write, resolve_device
+from configurator import resolve_device
 from model import Decoder, make_field
+from outputs import atomic_write, write_json
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from timing import time_calls
 
 
 def _peak_memory(device):
@@ -36,19 +33,6 @@ def _peak_memory(device):
     if device.type == "cuda":
         return "peak CUDA alloc", torch.cuda.max_memory_allocated(device) / 2 ** 20
     return "peak RSS (process)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # KiB on Linux
-
-
-def _time(fn, device, warmup, iters):
-    """Run fn warmup + iters times; the per-call seconds of the timed iterations."""
-    times = []
-    for i in range(warmup + iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def _print_table(title, rows):
@@ -105,7 +89,7 @@ def bench_render(args):
         planes.grad = None
         decoder.zero_grad(set_to_none=True)
 
-    times = _time(step, device, args.warmup, args.iters)
+    times = time_calls(step, device, args.warmup, args.iters)
     med = statistics.median(times)
     n_samples = B * S * S * (args.n_coarse + args.n_fine)
     mem_label, mem = _peak_memory(device)
@@ -167,7 +151,6 @@ def bench_train(args):
     cfg["image_size"] = image_size
     torch.manual_seed(0)
     model = G3DR(dict(MODEL_PRESETS[args.size], image_size=image_size, projection=cfg["projection"])).to(device)
-    net = train._EncodeRender(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     scenes = SyntheticScenes(cfg["batch_size"], image_size=image_size, seed=0)
     batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
@@ -176,34 +159,35 @@ def bench_train(args):
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rgbd = torch.cat([batch["image"] * 2 - 1, batch["depth"]], 1).to(device)
+    image, depth = batch["image"].to(device), batch["depth"].to(device)  # (B, 3, S, S) in [0, 1], (B, 1, S, S)
 
     def encode_only():
         with autocast():
-            planes = model.encode(rgbd)
+            planes = model.encode(image, depth)
         planes.float().square().mean().backward()
         optimizer.zero_grad(set_to_none=True)
 
     def full_step():
-        loss, _, _ = train.trigen_losses(net, batch, 1000, 0, cfg, {}, device, autocast)
+        loss, _, _ = train.trigen_losses(model, batch, 1000, 0, cfg, {}, device, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    t_encode, t_step = (statistics.median(_time(fn, device, args.warmup, args.iters)) for fn in (encode_only, full_step))
-    B, R = cfg["batch_size"], cfg["render_size"]
+    t_encode, t_step = (statistics.median(time_calls(fn, device, args.warmup, args.iters))
+                        for fn in (encode_only, full_step))
+    B, side = cfg["batch_size"], cfg["render_size"]  # rays per side of the rendered view
     mem_label, mem = _peak_memory(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"cpu, {torch.get_num_threads()} threads"
     _print_table("train.py step, forward+backward+Adam (canonical view)", [
         ("config", f"{args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), batch {B}, "
-                   f"image {image_size}, render {R}x{R}, samples {cfg['n_coarse']}+{cfg['n_fine']}, "
+                   f"image {image_size}, render {side}x{side}, samples {cfg['n_coarse']}+{cfg['n_fine']}, "
                    f"projection {cfg['projection']}"),
         ("device", device_name + (", bf16 autocast" if amp_dtype is not None else ", float32")),
         ("median ms / step", f"{t_step * 1e3:.1f}"),
         ("  of which f_trigen fwd+bwd", f"{t_encode * 1e3:.1f}"),
         ("images/s", f"{B / t_step:.2f}"),
-        ("million samples/s", f"{B * R * R * (cfg['n_coarse'] + cfg['n_fine']) / t_step / 1e6:.2f}"),
+        ("million samples/s", f"{B * side ** 2 * (cfg['n_coarse'] + cfg['n_fine']) / t_step / 1e6:.2f}"),
         (mem_label, f"{mem:.0f} MiB"),
         ("load average", " ".join(f"{x:.2f}" for x in os.getloadavg())),
     ])
@@ -242,12 +226,12 @@ ABLATION_COLUMNS = ["psnr_canonical", "psnr_novel", "depth_mae_novel", "nfs", "p
 def add_ablate_args(p):
     p.add_argument("--steps", type=int, default=300, help="training steps per run (the schedules scale with it)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1], help="one run per seed and variant")
-    p.add_argument("--eval_scenes", type=int, default=8, help="held-out scenes per run (seed + 1, as sample.py)")
+    p.add_argument("--eval_scenes", type=int, default=8, help="held-out scenes per run (seed + 1, as evaluate.py)")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the variants, by number (0 = full)")
     p.add_argument("--out_dir", default="out-ablate", help="runs, ablate.json and ablate.md go here; finished "
                    "runs (with an eval.json) are reused, so an interrupted table continues where it stopped")
     p.add_argument("--extra", default="", help="more train.py overrides for every run, e.g. '--n_coarse 8'")
-    p.add_argument("--eval_extra", default="", help="more sample.py --eval options, e.g. '--n_coarse 32 --n_fine 32'")
+    p.add_argument("--eval_extra", default="", help="more evaluate.py options, e.g. '--n_coarse 32 --n_fine 32'")
 
 
 def _run_script(argv, log_path):
@@ -265,7 +249,8 @@ def _write_text(path, text):
 
 def bench_ablate(args):
     """Train every variant of ABLATIONS for the same steps on the same scenes (one run per seed),
-    score each with `sample.py --eval` and write a markdown table and a JSON file."""
+    score each with `evaluate.py` (its eval.json beside the checkpoint) and write a markdown table and a
+    JSON file."""
     import json
     from tqdm import tqdm
     names = list(ABLATIONS)
@@ -285,8 +270,8 @@ def bench_ablate(args):
             _run_script(["train.py", "--max_steps", str(args.steps), "--seed", str(seed), "--out_dir", run_dir,
                          "--sample_every", str(args.steps), "--save_every", str(args.steps)]
                         + ABLATIONS[name] + args.extra.split(), os.path.join(run_dir, "train.log"))
-            _run_script(["sample.py", "--eval", "--ckpt", os.path.join(run_dir, "ckpt.pt"),
-                         "--eval_scenes", str(args.eval_scenes)] + args.eval_extra.split(),
+            _run_script(["evaluate.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--scenes", str(args.eval_scenes)]
+                        + args.eval_extra.split(),
                         os.path.join(run_dir, "eval.log"))
         with open(eval_path) as f:
             results[name].append(json.load(f))
@@ -303,7 +288,7 @@ def bench_ablate(args):
     meta = dict(steps=args.steps, seeds=args.seeds, eval_scenes=args.eval_scenes, extra=args.extra,
                 overrides={n: ABLATIONS[n] for n in names}, wall_s=round(time.time() - t_start),
                 load_average=os.getloadavg())
-    _write_text(os.path.join(args.out_dir, "ablate.json"), json.dumps(dict(meta=meta, table=table), indent=2))
+    write_json(dict(meta=meta, table=table), os.path.join(args.out_dir, "ablate.json"))
     header = ["variant", "PSNR canonical", "PSNR novel", "depth err. novel", "NFS", "mean-colour image (canon.)",
               "static (novel)", "warp (novel)", "static depth err."]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]

@@ -1,6 +1,8 @@
 """
 `--key value` / `--key=value` command-line overrides of a config dict (train.py's `config`), typed like the
 key's default. As nanoGPT's configurator.py: the config and its values live in the script, the parsing here.
+Also the two things every script's command line needs: `one_line(error)` (an exception as a one-line
+user message) and `resolve_device(name)` (what `--device auto` means).
 """
 
 
@@ -51,3 +53,26 @@ def parse_overrides(argv, base):
         overrides[key] = parse_value(key, value, base[key])
         i += 1
     return overrides
+
+
+def one_line(error):
+    """Any exception as one line for a user-facing message: its text with line breaks and runs of
+    spaces squeezed, or its class name when it has no text. An error raised inside a DataLoader
+    worker arrives wrapped in a multi-line report whose last line is the original
+    'module.Error: message'; that message is what is returned."""
+    text = str(error)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and 'Original Traceback' in text:
+        text = lines[-1].split(': ', 1)[-1]
+    return ' '.join(text.split()) or type(error).__name__
+
+
+def resolve_device(name):
+    """The device a `--device NAME` option means: 'auto' is the GPU when torch sees one, else the CPU; any
+    other name is returned as given, after checking that a CUDA one can be had (ConfigError naming it)."""
+    import torch  # here, so that parsing a command line does not need torch
+    if name == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if str(name).startswith('cuda') and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available in this torch install")
+    return name

@@ -1,20 +1,23 @@
 """
-Data for G3DR: real photos with monocular depth, the tool that makes depth maps for a folder of
-photos, and the reading and writing of pictures the other scripts share. (The synthetic 3D scenes,
-whose true 3D is known, are in scenes.py.)
+Real photos with monocular depth for G3DR: the ImageNet-with-depth dataset and the 16-bit depth PNG
+format. (The synthetic 3D scenes, whose true 3D is known, are in scenes.py; depth maps for a folder
+of photos are made by prepare_depth.py.)
 
     ImageNetDepth(root, image_size=128, depth_root=None, flip=True, skip_missing_depth=False)
-    python data.py make_depth SRC DST [--model DPT_Large|DPT_Hybrid|MiDaS_small] [--device auto]
-    python data.py check ROOT [--depth_root DIR]
+    python data.py check ROOT [--depth_root DIR]      load every image/depth pair once
 
 Every item is a dict: `image` (3, S, S) RGB in [0, 1], `depth` (1, S, S) distance along the unit
-ray in scene units, `label` (int), `path` (str). Depth maps are 16-bit PNGs, per-image
-normalised with 0 = nearest: `v` means depth DEPTH_NEAR + v / 65536 * (DEPTH_FAR - DEPTH_NEAR), in [4, 6)
-(render.py's depth range: the front and back faces of the scene box seen from the camera radius 5).
+ray in scene units, `label` (int), `path` (str).
+
+The depth format (the authors'): NAME_depth.png beside NAME.jpg (or in a tree mirroring the image
+folder), a 16-bit greyscale PNG of the image's size, per-image normalised with 0 = nearest: value `v`
+means depth DEPTH_NEAR + v / 65536 * (DEPTH_FAR - DEPTH_NEAR), in [4, 6) (render.py's depth range:
+the front and back faces of the scene box seen from the camera radius 5). encode_depth makes it
+from a depth estimator's relative inverse depth, load_depth_png reads it.
+
 Bad input raises DataError, whose message is one line naming the offending file or folder.
 """
 import argparse
-import math
 import os
 import sys
 import warnings
@@ -25,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from configurator import one_line
+from outputs import atomic_write
 from render import DEPTH_FAR, DEPTH_NEAR
 
 
@@ -32,66 +37,19 @@ class DataError(ValueError):
     """Bad input data. The message is a single line that names the file or folder at fault."""
 
 
-def one_line(error):
-    """Any exception as one line for a user-facing message: its text with line breaks and runs of
-    spaces squeezed, or its class name when it has no text. An error raised inside a DataLoader
-    worker arrives wrapped in a multi-line report whose last line is the original
-    'module.Error: message'; that message is what is returned."""
-    text = str(error)
-    lines = [line for line in text.splitlines() if line.strip()]
-    if len(lines) > 1 and 'Original Traceback' in text:
-        text = lines[-1].split(': ', 1)[-1]
-    return ' '.join(text.split()) or type(error).__name__
-
-
-def atomic_write(path, write):
-    """Write the file `path` through `write(f)`, f a binary file open on a temporary file beside it
-    (PATH.tmp-PID), flushed to disk and then renamed over `path`: readers, and a run killed at any
-    moment, see the old file or the new one, never half of one. The temporary file is removed when
-    `write` fails. Missing parent folders are made."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
+# -----------------------------------------------------------------------------
+# finding images and their depth maps
 
 # Image files we read; `NAME_depth.png` files are depth maps, never images.
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 DEPTH_SUFFIX = '_depth.png'
 
 
-def _is_depth_name(name):
-    return name.lower().endswith(DEPTH_SUFFIX)
-
-
-def _depth_relpath(image_rel):
-    """'cls/NAME.JPEG' -> 'cls/NAME_depth.png' (posix relative paths)."""
+def depth_relpath(image_rel):
+    """The depth map's path for an image's: 'cls/NAME.JPEG' -> 'cls/NAME_depth.png' (posix relative paths)."""
     head, _, name = image_rel.rpartition('/')
     stem = os.path.splitext(name)[0]
     return f"{head}/{stem}{DEPTH_SUFFIX}" if head else f"{stem}{DEPTH_SUFFIX}"
-
-
-def _walk(root):
-    """All image and depth files under `root` (symlinked folders followed, hidden files skipped), as
-    sorted posix paths relative to root: (images list, depth maps set)."""
-    images, depths = [], set()
-    for folder, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-        rel_folder = os.path.relpath(folder, root).replace(os.sep, '/')
-        prefix = '' if rel_folder == '.' else rel_folder + '/'
-        for name in sorted(filenames):
-            if name.startswith('.') or not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
-            (depths.add if _is_depth_name(name) else images.append)(prefix + name)
-    return images, depths
 
 
 def _check_folder(path, what):
@@ -103,8 +61,32 @@ def _check_folder(path, what):
     return path
 
 
-def _load_rgb(path):
-    """Any image file -> PIL RGB, in its displayed orientation (EXIF rotation applied; make_depth
+def walk_images(root, what='image folder'):
+    """All image and depth files under the folder `root` (symlinked folders followed, hidden files
+    skipped), as sorted posix paths relative to root: (images list, depth maps set). DataError,
+    calling root `what`, when root is not a folder."""
+    root = _check_folder(root, what)
+    images, depths = [], set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
+        rel_folder = os.path.relpath(folder, root).replace(os.sep, '/')
+        prefix = '' if rel_folder == '.' else rel_folder + '/'
+        for name in sorted(filenames):
+            if name.startswith('.') or not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            (depths.add if name.lower().endswith(DEPTH_SUFFIX) else images.append)(prefix + name)
+    return images, depths
+
+
+def _no_images(root):
+    return DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
+# -----------------------------------------------------------------------------
+# reading photos, and the 16-bit depth format
+
+def load_rgb(path):
+    """Any image file -> PIL RGB, in its displayed orientation (EXIF rotation applied; prepare_depth.py
     reads photos the same way, so image and depth agree). Grey, palette, CMYK, 16-bit and
     transparent images are converted; transparency is composited over white."""
     try:
@@ -122,7 +104,12 @@ def _load_rgb(path):
     return im.convert('RGB') if im.mode != 'RGB' else im
 
 
-def _load_depth_png(path):
+def rgb_tensor(image):
+    """PIL RGB image -> float tensor (3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+def load_depth_png(path):
     """A 16-bit depth PNG -> float32 array (H, W) of its raw values in [0, 65535]."""
     try:
         with Image.open(path) as im:
@@ -138,8 +125,34 @@ def _load_depth_png(path):
         return values.astype(np.float32)
     if im.mode in ('1', 'L', 'P', 'LA', 'RGB', 'RGBA'):
         raise DataError(f"depth map {path} is 8-bit ({im.mode}); G3DR needs 16-bit greyscale PNGs "
-                        f"(value / 65536 * 2 + 4 = depth), e.g. from `python data.py make_depth`")
+                        f"(value / 65536 * 2 + 4 = depth), e.g. from `python prepare_depth.py`")
     raise DataError(f"depth map {path} has pixel mode {im.mode}; expected a 16-bit greyscale PNG")
+
+
+def encode_depth(inverse_depth, size=None):
+    """Relative inverse depth (h, w) (larger = nearer, any scale and shift, as monocular estimators
+    give it) -> the authors' 16-bit encoding (uint16 array): normalised per image to [0, 1], inverted
+    so that 0 = nearest, times 65535 (the encoding load_depth_png reads). With size = (H, W) a map of
+    another size is first resized to it, bicubically in float32 (an estimator's output at its input
+    size -> the photo's size)."""
+    x = torch.as_tensor(inverse_depth).float()
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x.reshape(1, 1, *x.shape[-2:]), size=tuple(size), mode='bicubic', align_corners=False)
+    x = x.reshape(x.shape[-2:]).double()
+    if not torch.isfinite(x).all():
+        raise DataError("the depth estimator returned NaN or inf")
+    lo, hi = x.min(), x.max()
+    normalised = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)  # no relief: one plane at the back
+    return ((1 - normalised) * 65535).round().clamp(0, 65535).numpy().astype(np.uint16)
+
+
+def save_depth_png(path, depth16):
+    """A uint16 array (H, W) (encode_depth's) -> the 16-bit greyscale PNG `path`, written atomically
+    (a run killed mid-write leaves no half file that a resumed run would take for a finished one)."""
+    depth16 = np.asarray(depth16)
+    assert depth16.dtype == np.uint16 and depth16.ndim == 2, (depth16.dtype, depth16.shape)
+    png16 = Image.fromarray(depth16)  # uint16 -> a 16-bit greyscale ('I;16') image
+    atomic_write(path, lambda f: png16.save(f, format='PNG'))
 
 
 def _center_square(width, height):
@@ -149,7 +162,7 @@ def _center_square(width, height):
     return left, top, left + side, top + side
 
 
-def _crop_and_resize(image, depth, size):
+def crop_and_resize(image, depth, size):
     """PIL RGB image and its raw 16-bit depth values (H, W) -> image (3, S, S) in [0, 1] and depth
     (1, S, S) in scene units: the centred square of both, Lanczos-resized to S = size. Depth is
     resampled in float (never through 8 bits) and clipped to the 16-bit range, so Lanczos ringing
@@ -158,8 +171,17 @@ def _crop_and_resize(image, depth, size):
     image = image.crop(box).resize((size, size), Image.LANCZOS)
     depth = Image.fromarray(depth.astype(np.float32)).crop(box).resize((size, size), Image.LANCZOS)
     depth = DEPTH_NEAR + np.clip(np.asarray(depth), 0, 65535) / 65536 * (DEPTH_FAR - DEPTH_NEAR)  # in [4, 6)
-    image = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255  # (3, S, S)
-    return image, torch.from_numpy(depth.astype(np.float32))[None]  # (1, S, S)
+    return rgb_tensor(image), torch.from_numpy(depth.astype(np.float32))[None]  # (3, S, S), (1, S, S)
+
+
+def _load_pair(image_path, depth_path):
+    """An image (PIL RGB) and its depth map's raw values (H, W), checked to be the same size."""
+    image = load_rgb(image_path)
+    depth = load_depth_png(depth_path)  # (H, W) raw 16-bit values
+    if depth.shape != (image.height, image.width):
+        raise DataError(f"depth map {depth_path} is {depth.shape[1]}x{depth.shape[0]} but its image "
+                        f"{image_path} is {image.width}x{image.height}")
+    return image, depth
 
 
 # -----------------------------------------------------------------------------
@@ -170,12 +192,12 @@ class ImageNetDepth(torch.utils.data.Dataset):
 
     root/CLASS/NAME.jpg (any of IMAGE_EXTENSIONS, e.g. ImageNet's .JPEG) with its depth map at
     root/CLASS/NAME_depth.png, or at depth_root/CLASS/NAME_depth.png when `depth_root` is given (a
-    tree that mirrors root, as `python data.py make_depth root depth_root` writes). Labels index the
+    tree that mirrors root, as `python prepare_depth.py root depth_root` writes). Labels index the
     sorted class-folder names (images in deeper subfolders belong to their top-level class folder);
     a flat folder of images is one class, label 0.
 
     Items: the centred square crop, resized (Lanczos) to image_size; depth gets the same crop and
-    the same Lanczos resize, in float (_crop_and_resize). With flip=True, image and depth are
+    the same Lanczos resize, in float (crop_and_resize). With flip=True, image and depth are
     mirrored together with probability 0.5 (torch's global RNG, so DataLoader workers differ).
 
     The folder structure is checked here; each file's content (readable, 16-bit, same size as its
@@ -188,33 +210,7 @@ class ImageNetDepth(torch.utils.data.Dataset):
         if int(image_size) < 1:
             raise DataError(f"image_size must be positive, got {image_size}")
         self.image_size, self.flip = int(image_size), bool(flip)
-
-        images, depths = _walk(self.root)
-        if not images:
-            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}")
-        if self.depth_root != self.root:
-            depths = _walk(self.depth_root)[1]
-
-        owner = {}  # NAME.jpg and NAME.png in one folder would share NAME_depth.png
-        for rel in images:
-            other = owner.setdefault(_depth_relpath(rel), rel)
-            if other != rel:
-                raise DataError(f"{self.root / other} and {self.root / rel} would share the depth map "
-                                f"{_depth_relpath(rel)}; rename one of them")
-
-        missing = [rel for rel in images if _depth_relpath(rel) not in depths]
-        if missing and not skip_missing_depth:
-            first = ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else '')
-            raise DataError(f"{len(missing)} of {len(images)} images under {self.root} have no NAME{DEPTH_SUFFIX} "
-                            f"under {self.depth_root} (first: {first}); make them with `python data.py make_depth "
-                            f"{self.root} {self.depth_root}` or skip them (skip_missing_depth=True)")
-        if missing:
-            if len(missing) == len(images):
-                raise DataError(f"none of the {len(images)} images under {self.root} has a NAME{DEPTH_SUFFIX} "
-                                f"under {self.depth_root}")
-            warnings.warn(f"skipping {len(missing)} of {len(images)} images under {self.root} that have no depth map")
-            skipped = set(missing)
-            images = [rel for rel in images if rel not in skipped]
+        images = self._with_depth(*walk_images(self.root), skip_missing_depth)
 
         top_level = [rel for rel in images if '/' not in rel]
         self.classes = sorted({rel.split('/', 1)[0] for rel in images if '/' in rel})
@@ -227,6 +223,35 @@ class ImageNetDepth(torch.utils.data.Dataset):
         # (image path relative to root, label); 'cls/NAME.jpg' -> class of its first folder
         self.samples = [(rel, class_index[rel.split('/', 1)[0]] if '/' in rel else 0) for rel in images]
 
+    def _with_depth(self, images, depths, skip_missing_depth):
+        """The images (relative paths) that have a depth map; the others are an error, or skipped."""
+        if not images:
+            raise _no_images(self.root)
+        if self.depth_root != self.root:
+            depths = walk_images(self.depth_root, 'depth folder')[1]
+        owner = {}  # NAME.jpg and NAME.png in one folder would share NAME_depth.png
+        for rel in images:
+            other = owner.setdefault(depth_relpath(rel), rel)
+            if other != rel:
+                raise DataError(f"{self.root / other} and {self.root / rel} would share the depth map "
+                                f"{depth_relpath(rel)}; rename one of them")
+
+        missing = [rel for rel in images if depth_relpath(rel) not in depths]
+        if missing and not skip_missing_depth:
+            first = ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else '')
+            raise DataError(f"{len(missing)} of {len(images)} images under {self.root} have no NAME{DEPTH_SUFFIX} "
+                            f"under {self.depth_root} (first: {first}); make them with `python prepare_depth.py "
+                            f"{self.root} {self.depth_root}` (the old `data.py make_depth`) or skip them "
+                            f"(skip_missing_depth=True)")
+        if missing:
+            if len(missing) == len(images):
+                raise DataError(f"none of the {len(images)} images under {self.root} has a NAME{DEPTH_SUFFIX} "
+                                f"under {self.depth_root}")
+            warnings.warn(f"skipping {len(missing)} of {len(images)} images under {self.root} that have no depth map")
+            skipped = set(missing)
+            images = [rel for rel in images if rel not in skipped]
+        return images
+
     @property
     def num_classes(self):
         return len(self.classes)
@@ -236,153 +261,25 @@ class ImageNetDepth(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         rel, label = self.samples[index]
-        image_path, depth_path = self.root / rel, self.depth_root / _depth_relpath(rel)
-        image = _load_rgb(image_path)
-        depth = _load_depth_png(depth_path)  # (H, W) raw 16-bit values
-        if depth.shape != (image.height, image.width):
-            raise DataError(f"depth map {depth_path} is {depth.shape[1]}x{depth.shape[0]} but its image "
-                            f"{image_path} is {image.width}x{image.height}")
-
-        image, depth = _crop_and_resize(image, depth, self.image_size)
+        image_path = self.root / rel
+        image, depth = _load_pair(image_path, self.depth_root / depth_relpath(rel))
+        image, depth = crop_and_resize(image, depth, self.image_size)
         if self.flip and torch.rand(()) < 0.5:
             image, depth = image.flip(-1), depth.flip(-1)
         return dict(image=image, depth=depth, label=label, path=str(image_path))
 
 
 # -----------------------------------------------------------------------------
-# Depth maps for real photos: MiDaS relative inverse depth, normalised per image, inverted, 16 bits
-
-MIDAS_MODELS = ('DPT_Large', 'DPT_Hybrid', 'MiDaS_small')
-
-
-def _multiple_of(x, base=32, max_value=None):
-    y = round(x / base) * base
-    if max_value is not None and y > max_value:
-        y = math.floor(x / base) * base
-    return max(y, base)
-
-
-def load_midas(model='DPT_Large', device='cpu', repo='intel-isl/MiDaS'):
-    """A MiDaS monocular depth estimator from torch.hub: returns estimate(image (1, 3, H, W) in [0, 1])
-    -> relative inverse depth (1, h, w). `repo` may be a local clone of the MiDaS repository.
-    The input preparation is MiDaS's own (its hub `transforms`, which need OpenCV, redone in torch):
-    DPT models: scale by the factor closest to 1 that brings a side to 384, sides rounded to multiples
-    of 32, mean = std = 0.5; MiDaS_small: fit inside 256 x 256, multiples of 32, ImageNet mean/std.
-    Bicubic resizing."""
-    if model not in MIDAS_MODELS:
-        raise DataError(f"unknown depth model {model!r}; choose one of {', '.join(MIDAS_MODELS)}")
-    local = Path(repo).is_dir()
-    try:
-        net = torch.hub.load(repo, model, source='local' if local else 'github', trust_repo=True)
-    except Exception as e:  # no network, missing package (timm), missing cache, ...
-        hub = torch.hub.get_dir()
-        raise DataError(f"cannot load depth model {model} from torch.hub {repo!r}: {one_line(e)}. Offline, put a "
-                        f"copy of the MiDaS repository in {hub}/intel-isl_MiDaS_master (or pass --repo PATH to a "
-                        f"local clone) and its {model} weights in {hub}/checkpoints/, or run once with network "
-                        f"access") from None
-    net = net.eval().to(device)
-    if model == 'MiDaS_small':
-        target, method, mean, std = 256, 'upper_bound', (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    else:
-        target, method, mean, std = 384, 'minimal', (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-    @torch.no_grad()
-    def estimate(image):
-        H, W = image.shape[-2:]
-        scale_h, scale_w = target / H, target / W
-        if method == 'minimal':  # the scale closest to 1
-            scale_h = scale_w = scale_w if abs(1 - scale_w) < abs(1 - scale_h) else scale_h
-        else:  # fit inside target x target
-            scale_h = scale_w = min(scale_h, scale_w)
-        limit = target if method == 'upper_bound' else None
-        size = (_multiple_of(scale_h * H, max_value=limit), _multiple_of(scale_w * W, max_value=limit))
-        x = F.interpolate(image.float(), size=size, mode='bicubic', align_corners=False)
-        x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-        return net(x.to(device)).float().cpu()
-
-    return estimate
-
-
-def encode_depth(inverse_depth):
-    """Relative inverse depth (H, W) -> the authors' 16-bit encoding (uint16 array): normalised per
-    image to [0, 1], inverted so that 0 = nearest, times 65535 (the encoding _load_depth_png reads)."""
-    x = inverse_depth.double()
-    if not torch.isfinite(x).all():
-        raise DataError("the depth estimator returned NaN or inf")
-    lo, hi = x.min(), x.max()
-    normalised = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)  # no relief: one plane at the back
-    return ((1 - normalised) * 65535).round().clamp(0, 65535).numpy().astype(np.uint16)
-
-
-def _estimate_png(estimator, image):
-    """PIL RGB image -> its depth map in the 16-bit encoding (uint16 (H, W)), from an estimator of
-    inverse depth (see make_depth); a smaller prediction is resized bicubically to the image."""
-    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W)
-    inverse = torch.as_tensor(estimator(x)).float()
-    inverse = inverse.reshape(1, 1, *inverse.shape[-2:])
-    if inverse.shape[-2:] != x.shape[-2:]:
-        inverse = F.interpolate(inverse, size=x.shape[-2:], mode='bicubic', align_corners=False)
-    return encode_depth(inverse[0, 0])
-
-
-def make_depth(src, dst, estimator, progress=True):
-    """Write dst/<relative path>/NAME_depth.png for every image under src (recursively), from
-    `estimator(image (1, 3, H, W) in [0, 1]) -> inverse depth` (larger = nearer; any shape whose
-    last two dimensions form the map, resized bicubically to H x W). dst may equal src (the
-    authors' layout). Images whose depth map exists are skipped, so an interrupted run resumes.
-    Unreadable images are reported and skipped. Returns dict(written, skipped, failed=[messages])."""
-    from tqdm import tqdm
-    src = _check_folder(src, 'image folder')
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise DataError(f"depth folder {dst} is not a folder")
-    images = _walk(src)[0]
-    if not images:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {src}")
-    written, skipped, failed = 0, 0, []
-    for rel in tqdm(images, desc='depth', unit='img', disable=not progress):
-        out = dst / _depth_relpath(rel)
-        if out.exists():
-            skipped += 1
-            continue
-        try:
-            image = _load_rgb(src / rel)
-        except DataError as e:
-            failed.append(str(e))
-            tqdm.write(f"skipped: {e}", file=sys.stderr)
-            continue
-        png16 = Image.fromarray(_estimate_png(estimator, image))  # uint16 -> a 16-bit greyscale PNG
-        atomic_write(out, lambda f: png16.save(f, format='PNG'))
-        written += 1
-    return dict(written=written, skipped=skipped, failed=failed)
-
-
-def load_depth_estimator(model='DPT_Large', device='auto', repo='intel-isl/MiDaS'):
-    """load_midas on resolve_device(device)."""
-    return load_midas(model, resolve_device(device), repo)
-
-
-def resolve_device(name):
-    """The device a `--device NAME` option means: 'auto' is the GPU when torch sees one, else the CPU; any
-    other name is returned as given, after checking that a CUDA one can be had (ValueError naming it)."""
-    if name == 'auto':
-        return 'cuda' if torch.cuda.is_available() else 'cpu'
-    if str(name).startswith('cuda') and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available in this torch install")
-    return name
-
-
-# -----------------------------------------------------------------------------
-# single inputs and pictures (sample.py, train.py)
+# single inputs (sample.py)
 
 def list_images(path):
     """An image file -> [it]; a folder -> its images, recursively, sorted (depth maps left out)."""
     path = Path(path)
     if path.is_file():
         return [str(path)]
-    images = _walk(_check_folder(path, 'input'))[0]
+    images = walk_images(path, 'input')[0]
     if not images:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
+        raise _no_images(path)
     return [str(path / rel) for rel in images]
 
 
@@ -391,7 +288,7 @@ def match_depth(image_paths, depth=''):
     when there is none; a file -> that map (one image only); a folder -> folder/NAME_depth.png,
     which must exist."""
     if not depth:
-        beside = [Path(p).parent / _depth_relpath(Path(p).name) for p in image_paths]
+        beside = [Path(p).parent / depth_relpath(Path(p).name) for p in image_paths]
         return [str(d) if d.is_file() else None for d in beside]
     depth = Path(depth)
     if depth.is_file():
@@ -399,7 +296,7 @@ def match_depth(image_paths, depth=''):
             raise DataError(f"one depth map {depth} given for {len(image_paths)} images; pass a folder of NAME{DEPTH_SUFFIX}")
         return [str(depth)]
     folder = _check_folder(depth, 'depth folder')
-    found = [folder / _depth_relpath(Path(p).name) for p in image_paths]
+    found = [folder / depth_relpath(Path(p).name) for p in image_paths]
     for image_path, d in zip(image_paths, found):
         if not d.is_file():
             raise DataError(f"no depth map {d} for image {image_path}")
@@ -408,105 +305,56 @@ def match_depth(image_paths, depth=''):
 
 def load_rgbd(image_path, depth_path, image_size, estimator=None):
     """One image and its depth as the datasets give them: image (3, S, S) in [0, 1], depth (1, S, S)
-    in scene units. Without depth_path the depth comes from `estimator` (see make_depth), encoded
-    in 16 bits exactly as a stored map would be."""
-    image = _load_rgb(image_path)
-    if depth_path is None:
-        if estimator is None:
-            raise DataError(f"no depth map for {image_path} and no depth estimator to make one")
-        depth = _estimate_png(estimator, image)
-    else:
-        depth = _load_depth_png(depth_path)
-        if depth.shape != (image.height, image.width):
-            raise DataError(f"depth map {depth_path} is {depth.shape[1]}x{depth.shape[0]} but its image "
-                            f"{image_path} is {image.width}x{image.height}")
-    return _crop_and_resize(image, depth, int(image_size))
-
-
-# Colour map for depth pictures: near = bright yellow, far = dark violet (anchor colours, linearly
-# interpolated); pixels where nothing was hit (depth <= 0) are black.
-_DEPTH_COLOURS = torch.tensor([[0.99, 0.96, 0.55], [0.98, 0.70, 0.25], [0.90, 0.40, 0.30],
-                               [0.70, 0.20, 0.45], [0.40, 0.10, 0.50], [0.12, 0.05, 0.30]])
-
-
-def colorize_depth(depth, near=DEPTH_NEAR, far=DEPTH_FAR):
-    """depth (B, 1, H, W) in scene units -> RGB (B, 3, H, W) in [0, 1]: near..far along a
-    yellow-to-purple colour ramp, black where depth is 0 (no surface)."""
-    t = ((depth - near) / (far - near)).clamp(0, 1) * (len(_DEPTH_COLOURS) - 1)  # (B, 1, H, W)
-    lo = t.floor().long().clamp(max=len(_DEPTH_COLOURS) - 2)
-    colours = _DEPTH_COLOURS.to(depth.device)
-    c0, c1 = colours[lo[:, 0]], colours[lo[:, 0] + 1]  # (B, H, W, 3)
-    rgb = (c0 + (c1 - c0) * (t - lo)[:, 0, ..., None]).permute(0, 3, 1, 2)
-    return torch.where(depth > 0, rgb, torch.zeros_like(rgb))
-
-
-def _to_uint8(images):
-    return (images.detach().float().cpu().clamp(0, 1) * 255).round().byte()
-
-
-def save_grid(images, path, nrow=8, padding=2):
-    """images (N, 3, H, W) in [0, 1] -> one PNG, nrow images per row, white gaps."""
-    N, _, H, W = images.shape
-    rows = math.ceil(N / nrow)
-    grid = torch.ones(3, rows * (H + padding) + padding, nrow * (W + padding) + padding)
-    for i, image in enumerate(images.detach().float().cpu()):
-        top, left = padding + (i // nrow) * (H + padding), padding + (i % nrow) * (W + padding)
-        grid[:, top:top + H, left:left + W] = image
-    picture = Image.fromarray(_to_uint8(grid).permute(1, 2, 0).numpy())
-    atomic_write(path, lambda f: picture.save(f, format='PNG'))
-
-
-def save_gif(frames, path, fps=24):
-    """frames (T, 3, H, W) in [0, 1] -> a looping GIF."""
-    pictures = [Image.fromarray(frame) for frame in _to_uint8(frames).permute(0, 2, 3, 1).numpy()]
-    atomic_write(path, lambda f: pictures[0].save(f, format='GIF', save_all=True, append_images=pictures[1:],
-                                                  duration=round(1000 / fps), loop=0))
+    in scene units. Without depth_path the depth comes from `estimator(images (B, 3, H, W) in [0, 1])
+    -> inverse depth (B, h, w)` (e.g. prepare_depth.load_midas()), encoded in 16 bits exactly as
+    prepare_depth.py would store it."""
+    if depth_path is not None:
+        return crop_and_resize(*_load_pair(image_path, depth_path), int(image_size))
+    if estimator is None:
+        raise DataError(f"no depth map for {image_path} and no depth estimator to make one")
+    image = load_rgb(image_path)
+    inverse = torch.as_tensor(estimator(rgb_tensor(image)[None]))  # (1, h, w)
+    depth = encode_depth(inverse.reshape(-1, *inverse.shape[-2:])[0], size=(image.height, image.width))
+    return crop_and_resize(image, depth, int(image_size))
 
 
 # -----------------------------------------------------------------------------
-# command line
+# command line: python data.py check ROOT
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 1 (see main)
         raise DataError(f"{message} (see python data.py --help)")
 
 
+def check(root, depth_root=None, image_size=128):
+    """Load every image/depth pair of a dataset folder once; report each bad one. Returns the bad ones' messages."""
+    from tqdm import tqdm
+    dataset = ImageNetDepth(root, image_size, depth_root, flip=False)
+    errors = []
+    for i in tqdm(range(len(dataset)), desc='check', unit='img'):
+        try:
+            dataset[i]
+        except DataError as e:
+            errors.append(str(e))
+            tqdm.write(str(e), file=sys.stderr)
+    print(f"{len(dataset)} pairs in {dataset.num_classes} classes, {len(errors)} bad")
+    if errors:
+        raise DataError(f"{len(errors)} of {len(dataset)} pairs are bad (first: {errors[0]})")
+
+
 def main(argv=None):
-    parser = _Parser(prog='data.py', description='Data tools for G3DR.')
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _Parser(prog='data.py', description='Check a G3DR dataset folder (depth maps: prepare_depth.py).')
     commands = parser.add_subparsers(dest='command', required=True)
-    p = commands.add_parser('make_depth', help='write NAME_depth.png for every image under SRC, into DST')
-    p.add_argument('src', help='folder of images (searched recursively)')
-    p.add_argument('dst', help='output folder mirroring SRC (may be SRC itself)')
-    p.add_argument('--model', default='DPT_Large', choices=MIDAS_MODELS)
-    p.add_argument('--device', default='auto', help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    p.add_argument('--repo', default='intel-isl/MiDaS', help='torch.hub repository, or a local clone of it')
     c = commands.add_parser('check', help='load every image/depth pair of a dataset folder once')
     c.add_argument('root')
     c.add_argument('--depth_root', default=None)
     c.add_argument('--image_size', type=int, default=128)
     try:
+        if argv[:1] == ['make_depth']:
+            raise DataError("make_depth moved to its own script: python prepare_depth.py SRC DST")
         args = parser.parse_args(argv)
-        if args.command == 'make_depth':
-            _check_folder(args.src, 'image folder')  # before the (slow) model load
-            estimator = load_depth_estimator(args.model, args.device, args.repo)
-            result = make_depth(args.src, args.dst, estimator)
-            print(f"wrote {result['written']} depth maps, skipped {result['skipped']} already done, "
-                  f"{len(result['failed'])} unreadable images")
-            if result['failed']:
-                raise DataError(f"{len(result['failed'])} images could not be read (first: {result['failed'][0]})")
-        else:
-            from tqdm import tqdm
-            dataset = ImageNetDepth(args.root, args.image_size, args.depth_root, flip=False)
-            errors = []
-            for i in tqdm(range(len(dataset)), desc='check', unit='img'):
-                try:
-                    dataset[i]
-                except DataError as e:
-                    errors.append(str(e))
-                    tqdm.write(str(e), file=sys.stderr)
-            print(f"{len(dataset)} pairs in {dataset.num_classes} classes, {len(errors)} bad")
-            if errors:
-                raise DataError(f"{len(errors)} of {len(dataset)} pairs are bad (first: {errors[0]})")
+        check(args.root, args.depth_root, args.image_size)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 1

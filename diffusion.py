@@ -7,9 +7,10 @@ in plain PyTorch, meant to be read top to bottom:
   2. noise schedule                 cosine_schedule (default), linear_schedule, q_sample
   3. training loss                  diffusion_loss (v-prediction, class dropout for guidance)
   4. sampler                        ddim_step, ddim_sample (DDIM with eta, classifier-free guidance)
-  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes), load_denoiser,
-                                    rgbd_losses and rgbd_grid (train.py --stage rgbd)
-  6. generative metrics             non_flatness_score, sample_quality, FID plumbing
+  5. the denoiser                   make_denoiser (unet.UNet: 4 channels, real time, classes)
+
+Its training loop is train_rgbd.py, its checkpoints are read by checkpoint.load_denoiser, and what
+scores its samples (NFS, sample quality, FID / IS / KID) is in evaluate.py.
 
 Choices (each explained where it is implemented):
 * Pixel space. The paper trains f_rgbd as a latent diffusion model; the authors did not release it.
@@ -26,9 +27,7 @@ Choices (each explained where it is implemented):
   fidelity. The null class is the denoiser's `null_class` (an extra row of its class embedding).
 """
 import math
-import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,13 +44,15 @@ T = 1000                 # number of discrete diffusion steps
 def rgbd_to_x(image01, depth, near=DEPTH_NEAR, far=DEPTH_FAR):
     """image01 (B, 3, H, W) in [0, 1], depth (B, 1, H, W) in scene units -> x (B, 4, H, W) in [-1, 1].
 
-    rgb uses the project-wide [-1, 1] convention; depth maps [near, far] linearly onto [-1, 1] so all
-    four channels have the same range and the same noise schedule fits them."""
+    [-1, 1] is the diffusion model's own data space (the range its noise schedule is made for), not an
+    image convention of G3DR: rgb and depth ([near, far] mapped linearly) both land on it, so all four
+    channels have the same range and one schedule fits them."""
     if image01.dim() != 4 or image01.shape[1] != 3 or depth.dim() != 4 or depth.shape[1] != 1:
         raise ValueError(f"rgbd_to_x expects image (B,3,H,W) and depth (B,1,H,W), "
                          f"got {tuple(image01.shape)} and {tuple(depth.shape)}")
-    d = (depth - near) / (far - near) * 2 - 1
-    return torch.cat([image01 * 2 - 1, d.to(image01.dtype)], dim=1)
+    rgb = (image01 - 0.5) / 0.5                                    # (B, 3, H, W) in [-1, 1]
+    unit = (depth - near) / (far - near)                           # (B, 1, H, W) in [0, 1]
+    return torch.cat([rgb, (2 * unit - 1).to(image01.dtype)], dim=1)
 
 
 def x_to_rgbd(x, near=DEPTH_NEAR, far=DEPTH_FAR):
@@ -294,194 +295,3 @@ def make_denoiser(num_classes, size='small', image_size=64):
         raise ValueError(f"make_denoiser needs num_classes >= 1, got {num_classes}")
     return UNet(**DENOISER_PRESETS[size], in_channels=4, out_channels=4, image_size=int(image_size),
                 pos_channels=0, num_classes=int(num_classes))
-
-
-def load_denoiser(path, device='cpu', trust=False):
-    """A trained f_rgbd from a train.py --stage rgbd checkpoint ({'denoiser_config': dict(num_classes,
-    size, image_size), 'model': state_dict, ...}), in eval mode on `device`. trust: see model.load_checkpoint."""
-    from model import load_checkpoint
-    ckpt = load_checkpoint(path, trust=trust)  # safe unless trusted; one-line errors for a bad file
-    if not isinstance(ckpt, dict) or 'denoiser_config' not in ckpt or 'model' not in ckpt:
-        raise ValueError(f"{path} is not an f_rgbd checkpoint (train.py --stage rgbd): it has no "
-                         f"'denoiser_config' / 'model' entries")
-    net = make_denoiser(**ckpt['denoiser_config'])
-    state = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    net.load_state_dict(state)
-    return net.to(device).eval()
-
-
-# --- `python train.py --stage rgbd`: one micro-batch's loss and the picture grid of the run
-
-def rgbd_losses(net, batch, step, cfg, device, autocast):
-    """The denoising loss of one micro-batch of RGB-D images (rgb and depth mapped to [-1, 1]); returns
-    (loss, {term: value}, {}) as train.py's f_trigen step does."""
-    x0 = rgbd_to_x(batch['image'].to(device), batch['depth'].to(device))   # (B, 4, S, S)
-    labels = batch['label'].to(device)
-    with autocast():
-        loss = diffusion_loss(net, x0, labels, p_uncond=cfg['p_uncond'])
-    return loss, {'diffusion': loss}, {}
-
-
-@torch.no_grad()
-def rgbd_grid(model, num_classes, cfg, device, path):
-    """One row per class (up to 8): generated RGB beside its colourised depth."""
-    import data
-    k = min(num_classes, 8)
-    labels = torch.arange(k, device=device).repeat_interleave(2)
-    gen = torch.Generator(device=device).manual_seed(cfg['seed'])
-    x = ddim_sample(model, (len(labels), 4, cfg['image_size'], cfg['image_size']), labels, steps=50, generator=gen)
-    image, depth = x_to_rgbd(x)
-    cells = torch.stack([image, data.colorize_depth(depth)], 1).flatten(0, 1)
-    data.save_grid(cells, path, nrow=4)
-
-
-# -----------------------------------------------------------------------------
-# 6. Generative metrics (for `sample.py --eval`)
-
-
-def non_flatness_score(depth_maps, near=DEPTH_NEAR, far=DEPTH_FAR, bins=64):
-    """Non-flatness score (3DGP): for each depth map a `bins`-bin histogram of
-    its values over [near, far], H = entropy (nats) of the normalised histogram, NFS = mean exp(H).
-    A flat map (one bin) scores 1, a map spread evenly over all bins scores `bins`.
-
-    depth_maps (N, 1, H, W) or (N, H, W) in scene units. Values outside [near, far] are clamped into
-    the end bins (our sampled depth is clamped to that range anyway). Returns a float."""
-    if not near < far:
-        raise ValueError(f"non_flatness_score needs near < far, got near={near}, far={far}")
-    if depth_maps.dim() not in (3, 4) or depth_maps.shape[0] == 0:
-        raise ValueError(f"depth_maps must be (N,1,H,W) or (N,H,W), got {tuple(depth_maps.shape)}")
-    d = depth_maps.detach().double().flatten(1)                                # (N, P)
-    idx = ((d - near) / (far - near) * bins).floor().long().clamp(0, bins - 1)
-    counts = torch.zeros(d.shape[0], bins, dtype=torch.float64, device=d.device)
-    counts.scatter_add_(1, idx, torch.ones_like(d))
-    p = counts / counts.sum(1, keepdim=True)                                    # (N, bins)
-    entropy = -(p * p.clamp_min(1e-300).log()).sum(1)                           # 0 log 0 = 0
-    return float(entropy.exp().mean())
-
-
-def quality_features(x, size=16):
-    """The fixed feature space of `sample_quality`: model-space RGB-D x (N, 4, H, W) area-averaged
-    to size x size and flattened, divided by sqrt(dim) so that a distance is the root-mean-square
-    per-value difference (in [-1, 1] units, comparable across resolutions). No learned weights:
-    reproducible anywhere, and sensitive to exactly what the synthetic scenes vary in (object colour,
-    silhouette and depth layout)."""
-    f = F.adaptive_avg_pool2d(x.float(), size).flatten(1)                       # (N, 4 size^2)
-    return f / f.shape[1] ** 0.5
-
-
-def sample_quality(gen_x, ref_x, gen_labels=None, ref_labels=None, size=16):
-    """Sample quality against held-out scenes, in the `quality_features` space:
-      nn_dist       mean over generated samples of the distance to the nearest held-out scene
-                    (fidelity: are samples like real scenes?);
-      ref_nn_dist   mean over held-out scenes of the distance to the nearest generated sample
-                    (coverage: a collapsed generator leaves most scenes far away);
-      class_acc     (with labels) the fraction of generated samples whose nearest held-out scene has
-                    the requested class (1-NN classification: is it recognisably class K?);
-      ref_loo_*     the same nearest-neighbour distance and class accuracy of each held-out scene
-                    among the other held-out scenes (leave one out): roughly what a generator that
-                    matches the data would score, the yardstick for the numbers above.
-    gen_x (N, 4, H, W), ref_x (M >= 2, 4, H', W') in model space; labels (N,), (M,)."""
-    if ref_x.shape[0] < 2:
-        raise ValueError(f"sample_quality needs at least 2 held-out scenes, got {ref_x.shape[0]}")
-    fg, fr = quality_features(gen_x, size).double(), quality_features(ref_x, size).double()
-    dist = torch.cdist(fg, fr)                                                  # (N, M)
-    loo = torch.cdist(fr, fr).fill_diagonal_(float('inf'))                      # (M, M)
-    out = dict(nn_dist=float(dist.min(1).values.mean()), ref_nn_dist=float(dist.min(0).values.mean()),
-               ref_loo_nn_dist=float(loo.min(1).values.mean()))
-    if gen_labels is not None and ref_labels is not None:
-        ref_labels = torch.as_tensor(ref_labels).cpu()
-        nearest = ref_labels[dist.argmin(1).cpu()]
-        out['class_acc'] = float((nearest == torch.as_tensor(gen_labels).cpu()).double().mean())
-        out['ref_loo_class_acc'] = float((ref_labels[loo.argmin(1).cpu()] == ref_labels).double().mean())
-    return out
-
-
-# --- FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to Inception features
-
-
-def feature_stats(features):
-    """features (N, D) -> (mu (D,), sigma (D, D)) in float64 numpy, sigma the unbiased covariance."""
-    f = np.asarray(torch.as_tensor(features).detach().cpu().double())
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"feature_stats needs (N>=2, D) features, got shape {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def _sqrtm_psd(a):
-    """Square root of a symmetric positive semi-definite matrix by eigendecomposition."""
-    w, v = torch.linalg.eigh((a + a.T) / 2)
-    return (v * w.clamp_min(0).sqrt()) @ v.T
-
-
-def fid_from_features(mu1, sigma1, mu2, sigma2):
-    """FID = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
-
-    sigma1 sigma2 is not symmetric, but it is similar to the PSD matrix
-    M = sigma1^(1/2) sigma2 sigma1^(1/2), so tr (sigma1 sigma2)^(1/2) = sum sqrt(eig(M)); two symmetric
-    eigendecompositions in float64 (no scipy needed). Inputs: numpy arrays or tensors."""
-    mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64)
-                        for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.numel(), mu1.numel()):
-        raise ValueError(f"FID statistics do not match: mu {tuple(mu1.shape)} / {tuple(mu2.shape)}, "
-                         f"sigma {tuple(s1.shape)} / {tuple(s2.shape)}")
-    r1 = _sqrtm_psd(s1)
-    m = r1 @ s2 @ r1
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
-
-
-def load_fid_stats(path):
-    """Reference statistics from an .npz with arrays `mu` and `sigma` (the pytorch-fid layout)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID statistics file not found: {path}")
-    with np.load(path) as f:
-        if 'mu' not in f or 'sigma' not in f:
-            raise ValueError(f"FID statistics file {path} must hold arrays 'mu' and 'sigma', has {list(f)}")
-        return f['mu'], f['sigma']
-
-
-class InceptionFeatures(nn.Module):
-    """2048-d pool features of torchvision's Inception-v3 for FID.
-
-    pretrained=True loads torchvision's IMAGENET1K_V1 weights: from weights_path if given, else from
-    the torch hub cache (downloaded there only with download=True). Missing weights raise a clear
-    error; there is no silent fallback to random weights. pretrained=False builds random weights, for
-    testing the plumbing only. Note: published FIDs (the paper: 13.1 on ImageNet 256 x 256) use the TF-FID Inception
-    graph, whose weights differ from torchvision's, so numbers from this extractor are comparable to
-    each other but not to the paper's table."""
-
-    def __init__(self, pretrained=True, weights_path=None, download=False, resize=299):
-        super().__init__()
-        from torchvision.models import inception_v3, Inception_V3_Weights
-        self.resize = resize
-        if not pretrained:
-            net = inception_v3(weights=None, aux_logits=False, init_weights=True, transform_input=False)
-        else:
-            weights = Inception_V3_Weights.IMAGENET1K_V1
-            if weights_path is None:
-                weights_path = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
-                if not os.path.isfile(weights_path) and not download:
-                    raise FileNotFoundError(
-                        f"Inception-v3 weights not found at {weights_path}; download {weights.url} "
-                        f"there, pass weights_path=, or pass download=True")
-            if os.path.isfile(weights_path):
-                state = torch.load(weights_path, map_location='cpu', weights_only=True)
-            elif download:
-                state = weights.get_state_dict(progress=True, check_hash=True)
-            else:
-                raise FileNotFoundError(f"Inception-v3 weights file not found: {weights_path}")
-            # transform_input=False: we feed [-1, 1] directly, the range Inception was trained on
-            net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False,
-                               num_classes=len(weights.meta['categories']))
-            net.load_state_dict(state)
-            net.aux_logits, net.AuxLogits = False, None
-        net.fc = nn.Identity()                        # logits -> the 2048-d pooled features
-        self.net = net.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, image01):
-        """image01 (B, 3, H, W) in [0, 1] -> features (B, 2048)."""
-        self.net.eval()
-        x = F.interpolate(image01.float(), size=(self.resize, self.resize), mode='bilinear',
-                          align_corners=False, antialias=True)
-        return self.net(x * 2 - 1)

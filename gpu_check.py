@@ -13,44 +13,40 @@ Rows (README "GPU check" says how to read them):
   D*  capacity: the largest guided batch that fits; a one-process nccl DDP run of train.py (exit 1 on failure).
   F   the released 300k-step recipe's time projected from the measured steps.
 Every row ends PASS, FAIL, WARN, INFO or SKIP; rows left when the deadline passes print SKIP (time).
+The correctness rows (A, D2) and the runner are here, the speed rows (B, C, D1, F) in timing.py. Public APIs
+only: G3DR's forward (encode + render), train.trigen_losses, and train.py run as a user runs it.
 """
 import argparse
-import contextlib
-import itertools
 import json
-import logging
 import math
 import os
-import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data import atomic_write
+import timing
+from timing import bench_sampler, bench_step, bench_trigen, bench_view, count_step_waits, largest_batch, projection
 
 REPO = Path(__file__).resolve().parent
 FIXTURES = REPO / "fixtures"
-TINY_CLIP = "g3dr-check-tiny-clip"  # a small random open_clip ViT for CPU timing (see _perceptual)
 
 # What a check runs at each size. paper: the released recipe's step (batch 8, 128 x 128 rays, 32 + 32 samples);
-# tiny: seconds on a CPU.
+# tiny: seconds on a CPU. render: rays per side of a training view.
 SIZES = {
     "paper": dict(preset="paper", batch=8, render=128, n_coarse=32, n_fine=32, clip="ViT-B-16", iters=3,
                   view_batch=4),
-    "tiny": dict(preset="tiny", batch=2, render=16, n_coarse=8, n_fine=8, clip=TINY_CLIP, iters=1, view_batch=2),
+    "tiny": dict(preset="tiny", batch=2, render=16, n_coarse=8, n_fine=8, clip=timing.TINY_CLIP, iters=1, view_batch=2),
 }
 # train.py at tiny sizes, for the resume and DDP rows
 TRAIN_TINY = ["--model_size", "tiny", "--image_size", "16", "--render_size", "8", "--n_coarse", "4", "--n_fine", "4",
               "--batch_size", "2", "--global_batch", "2", "--num_scenes", "8", "--sample_every", "1000",
               "--log_every", "1", "--w_vgg", "0", "--w_vgg_novel", "0", "--w_clip", "0", "--w_clip_novel", "0"]
-RECIPE_STEPS, RECIPE_GPUS = 300_000, 6
 
 
 class _Deadline(Exception):
@@ -71,9 +67,6 @@ class _Context:
     def left(self):
         return self.deadline - time.monotonic()
 
-    def tf32(self, on):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-
     def model(self):
         """The size's G3DR with an Adam optimiser, built once (random weights)."""
         if self._model is None:
@@ -88,69 +81,19 @@ class _Context:
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def _rel(a, b):
-    """max |a - b| / max |b| (the error of a tensor as a whole), on the CPU in float64."""
+def _rel(a, b, norm=False):
+    """max |a - b| / max |b| (norm=True: |a - b| / |b|), the error of a tensor as a whole, in float64."""
     a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+    size = (lambda x: x.norm()) if norm else (lambda x: x.abs().max())
+    return (size(a - b) / size(b).clamp(min=1e-30)).item()
 
 
-def _rel_norm(a, b):
-    a, b = a.detach().cpu().double(), b.detach().cpu().double()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
-def _autocast(device, dtype):
-    if dtype == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _memory(ctx):
-    if ctx.cuda:
-        return (f"peak {torch.cuda.max_memory_allocated(ctx.device) / 2 ** 30:.2f} GiB allocated, "
-                f"{torch.cuda.max_memory_reserved(ctx.device) / 2 ** 30:.2f} GiB reserved")
-    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (process)"
-
-
-def _reset_memory(ctx):
-    if ctx.cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-
-
-def _median_ms(ctx, fn, iters=None):
-    from bench import _time
-    times = _time(fn, ctx.device, warmup=1, iters=iters or ctx.size["iters"])
-    return sorted(times)[len(times) // 2] * 1e3
-
-
-def _host_waits(fn):
-    """Number of synchronising CUDA calls (the host waits for the device) while fn runs."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def _images(B, S, seed=0):
-    """A batch as train.py's loaders give it: smooth random images in [0, 1], depth in [4, 6)."""
-    g = torch.Generator().manual_seed(seed)
-    image = F.interpolate(torch.rand(B, 3, 8, 8, generator=g), size=(S, S), mode="bilinear", align_corners=True)
-    depth = 4 + 2 * F.interpolate(torch.rand(B, 1, 4, 4, generator=g), size=(S, S), mode="bilinear",
-                                  align_corners=True).clamp(max=0.999)
-    return {"image": image, "depth": depth}
-
-
-def _python(args, ctx):
+def _python(args, ctx, check=True):
     """Run `python ARGS` in the repository (train.py, mostly), within the time left."""
     env = dict(os.environ, OMP_NUM_THREADS="1") if not ctx.cuda else None  # as this process, see run()
     r = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env,
                        timeout=max(1.0, ctx.left()))
-    if r.returncode != 0:
+    if check and r.returncode != 0:
         lines = [l for l in r.stderr.strip().splitlines() if l.strip()] or ["(no message)"]
         raise RuntimeError(f"exit {r.returncode}: {lines[-1]}")
     return r
@@ -165,21 +108,19 @@ def check_fixture_render(ctx, guided):
     from render import render_rays
     fx = torch.load(FIXTURES / "official_render.pt", weights_only=True)
     dev, worst = ctx.device, 0.0
-    B, _, S, _ = fx["surface_depth"].shape
-    x = fx["surface_depth"].reshape(B, S * S, 1).to(dev)
+    surface = fx["surface_depth"].flatten(2).transpose(1, 2).to(dev)  # (B, 1, S, S) -> (B, R, 1)
     for sampler in SAMPLERS:
         decoder = Decoder(fx["planes"].shape[2])
         decoder.load_state_dict(fx["decoder"])
-        decoder.to(dev)
-        planes = fx["planes"].to(dev, copy=True).requires_grad_(guided)
+        decoder, planes = decoder.to(dev), fx["planes"].to(dev, copy=True).requires_grad_(guided)
         with torch.set_grad_enabled(guided):
             out = render_rays(make_field(planes, decoder, sampler=sampler), fx["rays_o"].to(dev), fx["rays_d"].to(dev),
-                              fx["n_coarse"], fx["n_fine"], perturb=False, surface_depth=x if guided else None,
+                              fx["n_coarse"], fx["n_fine"], perturb=False, surface_depth=surface if guided else None,
                               depth_guided_prob=1.0)
         ref = fx["guided" if guided else "plain"]
         errs = [_rel(out[k], ref[k]) for k in ("rgb", "depth", "opacity")]
         if guided:
-            loss = out["rgb"].square().sum() + (out["depth"] - x).abs().sum() + out["opacity"].sum()
+            loss = out["rgb"].square().sum() + (out["depth"] - surface).abs().sum() + out["opacity"].sum()
             loss.backward()
             errs += [_rel(loss, ref["loss"]), _rel(planes.grad, ref["grad_planes"])]
             errs += [_rel(p.grad, ref["grad_decoder"][n]) for n, p in decoder.named_parameters()]
@@ -214,13 +155,13 @@ def check_sampler(ctx):
 
 def check_tiny_checkpoint(ctx, bf16):
     """The authors' tiny f_trigen checkpoint on the device against their planes."""
-    from model import G3DR
-    model = G3DR.from_official(FIXTURES / "official_tiny_ckpt.pt").to(ctx.device)
+    from checkpoint import from_official
+    model = from_official(FIXTURES / "official_tiny_ckpt.pt").to(ctx.device)
     io = torch.load(FIXTURES / "official_tiny_io.pt", weights_only=True)
-    rgbd = torch.cat([io["rgb"], io["depth"]], dim=1).to(ctx.device)
-    with torch.no_grad(), _autocast(ctx.device, "bf16" if bf16 else "fp32")():
-        planes = model.encode(rgbd)
-    err = _rel_norm(planes.float(), io["planes"])
+    image = ((io["rgb"] + 1) / 2).to(ctx.device)  # the authors fed [-1, 1]; G3DR takes [0, 1]
+    with torch.no_grad(), timing.autocast(ctx.device, "bf16" if bf16 else "fp32")():
+        planes = model.encode(image, io["depth"].to(ctx.device))
+    err = _rel(planes.float(), io["planes"], norm=True)
     return f"{err:.1e}", "PASS" if err < (0.03 if bf16 else 1e-4) else "FAIL"
 
 
@@ -232,19 +173,18 @@ def _tiny_step(device, dtype, guided, seed=0):
     from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
     torch.manual_seed(seed)
     model = G3DR(MODEL_PRESETS["tiny"]).to(device)
-    batch = _images(2, 32, seed)
-    image, depth = (batch["image"] * 2 - 1).to(device), batch["depth"].to(device)
-    R = 12
-    rays_o, rays_d = get_rays(orbit_camera(CANONICAL_YAW, CANONICAL_PITCH).to(device).expand(2, 4, 4), FOV_DEGREES, R)
-    image_r = F.interpolate(image, size=(R, R), mode="bilinear", align_corners=True)
-    depth_r = F.interpolate(depth, size=(R, R), mode="bilinear", align_corners=True)
-    with _autocast(torch.device(device), dtype)():
-        out = model.render(model.encode(torch.cat([image, depth], 1)), rays_o, rays_d, n_coarse=8, n_fine=8,
-                           perturb=False, surface_depth=depth_r.flatten(2).transpose(1, 2),
-                           depth_guided_prob=float(guided))
-    rgb = out["rgb"].float().transpose(1, 2).reshape(2, 3, R, R)
-    pred_depth = out["depth"].float().transpose(1, 2).reshape(2, 1, R, R)
-    loss = recon_loss(rgb, image_r) + 2 * depth_loss(pred_depth, depth_r) + opacity_loss(out["opacity"].float())
+    batch = timing.images(2, 32, seed, device)
+    side = 12  # rays per side
+    rays_o, rays_d = get_rays(orbit_camera(CANONICAL_YAW, CANONICAL_PITCH).to(device).expand(2, 4, 4), FOV_DEGREES,
+                              side)  # (2, R, 3)
+    image_r, depth_r = (F.interpolate(batch[k], size=(side, side), mode="bilinear", align_corners=True)
+                        for k in ("image", "depth"))
+    with timing.autocast(torch.device(device), dtype)():
+        out = model(batch["image"], batch["depth"], rays_o, rays_d, n_coarse=8, n_fine=8, perturb=False,
+                    surface_depth=depth_r.flatten(2).transpose(1, 2), depth_guided_prob=float(guided))
+    rgb = out["rgb"].transpose(1, 2).reshape(2, 3, side, side)  # (B, R, 3) -> (B, 3, side, side)
+    pred_depth = out["depth"].transpose(1, 2).reshape(2, 1, side, side)
+    loss = recon_loss(rgb, image_r) + 2 * depth_loss(pred_depth, depth_r) + opacity_loss(out["opacity"])
     grads = torch.autograd.grad(loss, list(model.parameters()))
     return loss.detach(), [g.detach().cpu() for g in grads]
 
@@ -255,10 +195,9 @@ def check_step_vs_cpu(ctx):
         loss_d, grads_d = _tiny_step(ctx.device, "fp32", guided)
         loss_c, grads_c = _tiny_step("cpu", "fp32", guided)
         worst_loss = max(worst_loss, _rel(loss_d, loss_c))
-        worst_grad = max(worst_grad, max(_rel_norm(a, b) for a, b in zip(grads_d, grads_c)))
-    ok = worst_loss < 1e-5 and worst_grad < 1e-4
-    value = f"loss {worst_loss:.1e}, gradients {worst_grad:.1e} (guided and importance-sampled)"
-    return value, "PASS" if ok else "FAIL"
+        worst_grad = max(worst_grad, max(_rel(a, b, norm=True) for a, b in zip(grads_d, grads_c)))
+    return f"loss {worst_loss:.1e}, gradients {worst_grad:.1e} (guided and importance-sampled)", \
+        "PASS" if worst_loss < 1e-5 and worst_grad < 1e-4 else "FAIL"
 
 
 def check_bf16_vs_fp32(ctx):
@@ -271,212 +210,35 @@ def check_bf16_vs_fp32(ctx):
 
 
 def check_train_resume(ctx):
-    """train.py stopped right after its step-3 checkpoint (of 5 steps), then `train.py --resume` for 2 more."""
+    """train.py dies during step 4, after its step-3 checkpoint; `train.py --resume` then runs steps 4 and 5."""
     out = Path(tempfile.mkdtemp(prefix="g3dr-check-")) / "run"
-    # as if the run were killed right after its step-3 checkpoint
-    stop_after_3 = ("import sys, train\nsave = train.save_checkpoint\n"
-                    "train.save_checkpoint = lambda path, state: (save(path, state), state['step'] == 3 and sys.exit(0))\n"
-                    "train.main(sys.argv[1:])\n")
-    _python(["-c", stop_after_3, *TRAIN_TINY, "--max_steps", "5", "--save_every", "3", "--device", ctx.args.device,
-             "--out_dir", str(out)], ctx)
+    # step 4's sample grid cannot be written (a directory holds its name), so the run fails there, as a run
+    # killed between two checkpoints would: step 4 is logged but not saved
+    blocker = out / "samples_0000004.png"
+    blocker.mkdir(parents=True)
+    died = _python(["train.py", *TRAIN_TINY, "--max_steps", "5", "--save_every", "3", "--sample_every", "4",
+                    "--device", ctx.args.device, "--out_dir", str(out)], ctx, check=False)
     first = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    blocker.rmdir()
     _python(["train.py", "--resume", "--out_dir", str(out)], ctx)
     final = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps, losses_ok = [r["step"] for r in records], all(math.isfinite(r["loss"]) for r in records)
-    ok = first == 3 and final == 5 and steps == [1, 2, 3, 4, 5] and losses_ok
-    return f"saved at step {first}, resumed to {final}, logged steps {steps}, finite losses {losses_ok}", \
-        "PASS" if ok else "FAIL"
+    ok = died.returncode != 0 and first == 3 and final == 5 and steps == [1, 2, 3, 4, 5] and losses_ok
+    return f"died at step 4 (exit {died.returncode}) with the step-{first} checkpoint, resumed to {final}, " \
+           f"logged steps {steps}, finite losses {losses_ok}", "PASS" if ok else "FAIL"
 
 
 # ---------------------------------------------------------------------------------------------
-# B: the samplers and an inference view at the size's work
-
-def bench_sampler(ctx, sampler, backward):
-    from model import sample_triplane
-    s, B = ctx.size, ctx.size["batch"]
-    C, H = (64, 128) if s["preset"] == "paper" else (8, 32)
-    planes = torch.randn(B, 3, C, H, H, device=ctx.device, requires_grad=backward)
-    n = s["render"] ** 2 * (s["n_coarse"] + s["n_fine"])
-    points = torch.rand(B, n, 3, device=ctx.device) * 2 - 1
-    _reset_memory(ctx)
-
-    def run():
-        with torch.set_grad_enabled(backward):
-            out = sample_triplane(planes, points, sampler=sampler)
-            if backward:
-                out.backward(torch.ones_like(out))
-    ms = _median_ms(ctx, run)
-    return f"{ms:.1f} ms, {B * n / ms / 1e3:.2f} M samples/s ({B * n:,} points), {_memory(ctx)}", "INFO"
-
-
-def bench_view(ctx):
-    """render_view of a canonical S x S view (inference, default sampler and chunks)."""
-    from render import CANONICAL_PITCH, CANONICAL_YAW
-    model, _ = ctx.model()
-    s = ctx.size
-    with torch.no_grad():
-        planes = model.encode(torch.rand(s["view_batch"], 4, *(2 * [model.config["image_size"]]), device=ctx.device))
-    _reset_memory(ctx)
-
-    def view():
-        with torch.no_grad():
-            model.render_view(planes, CANONICAL_YAW, CANONICAL_PITCH, s["render"], n_coarse=s["n_coarse"], n_fine=s["n_fine"])
-    ms = _median_ms(ctx, view)
-    waits = f", {_host_waits(view)} host waits" if ctx.cuda else ""
-    return f"{ms:.1f} ms for {s['view_batch']} views of {s['render']}^2{waits}, {_memory(ctx)}", "INFO"
-
-
-# ---------------------------------------------------------------------------------------------
-# C: train.py's training step
-
-def _perceptual(ctx):
-    """VGG16 and CLIP with random weights, built directly: for timing only, never for training."""
-    import losses
-    if ctx.size["clip"] == TINY_CLIP:
-        import open_clip
-        cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-                   text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=1, layers=1))
-        path = Path(tempfile.mkdtemp(prefix="g3dr-clip-")) / f"{TINY_CLIP}.json"
-        path.write_text(json.dumps(cfg))
-        open_clip.add_model_config(path)
-    logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded": that is the point here
-    try:
-        return {"vgg": losses.VGGPerceptual(pretrained=False).to(ctx.device),
-                "clip": losses.CLIPEmbeddingLoss(ctx.size["clip"], pretrained=None).to(ctx.device)}
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def _step_setup(ctx, kind):
-    """train.py's config and step index for one kind of step: 'guided' / 'importance' canonical, 'novel'."""
-    import train
-    s = ctx.size
-    recipe = ["--dataset", "imagenet", "--data_dir", "-"] if s["preset"] == "paper" else \
-        ["--model_size", "tiny", "--image_size", "32", "--canonical_rays", "grid", "--novel_opacity", "true"]
-    argv = recipe + [f"--batch_size={s['batch']}", f"--render_size={s['render']}", f"--n_coarse={s['n_coarse']}",
-                     f"--n_fine={s['n_fine']}", "--max_steps=1000", f"--clip_model={s['clip']}",
-                     f"--global_batch={s['batch']}"]
-    if kind == "novel":  # P(novel) = 1 at the last step; VGG (2 levels) + CLIP + TV
-        return train.parse_config(argv + ["--p_novel_max=1"]), 999
-    return train.parse_config(argv + ["--p_novel_max=0", f"--depth_guided_prob={float(kind == 'guided')}"]), 0
-
-
-def bench_step(ctx, dtype, kind, compile=False):
-    import train
-    model, optimizer = ctx.model()
-    cfg, step = _step_setup(ctx, kind)
-    ctx.perceptual = perceptual = ctx.perceptual or _perceptual(ctx)
-    net, autocast = train._EncodeRender(model), _autocast(ctx.device, dtype)
-    batch = _images(ctx.size["batch"], model.config["image_size"])
-    if compile:
-        model.encode = torch.compile(model.encode)
-    _reset_memory(ctx)
-
-    def full_step():
-        loss, _, info = train.trigen_losses(net, batch, step, 0, cfg, perceptual, ctx.device, autocast)
-        assert info["novel"] == (kind == "novel")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    try:
-        t0 = time.perf_counter()
-        if compile:  # the first call compiles
-            full_step()
-        first = time.perf_counter() - t0
-        ms = _median_ms(ctx, full_step)
-    finally:
-        if compile:
-            del model.encode  # back to the plain method
-    ctx.step_ms[dtype, kind] = ms
-    B = ctx.size["batch"]
-    extra = f", first call {first:.0f} s (compilation)" if compile else ""
-    return f"{ms:.0f} ms/step, {B / ms * 1e3:.2f} images/s, {_memory(ctx)}{extra}", "INFO"
-
-
-def bench_trigen(ctx, dtype):
-    """f_trigen alone, forward + backward, the size's batch."""
-    model, optimizer = ctx.model()
-    S = model.config["image_size"]
-    rgbd = torch.rand(ctx.size["batch"], 4, S, S, device=ctx.device)
-    _reset_memory(ctx)
-
-    def encode():
-        with _autocast(ctx.device, dtype)():
-            planes = model.encode(rgbd)
-        planes.float().square().mean().backward()
-        optimizer.zero_grad(set_to_none=True)
-    return f"{_median_ms(ctx, encode):.0f} ms, {_memory(ctx)}", "INFO"
-
-
-def count_step_waits(ctx):
-    import train
-    model, optimizer = ctx.model()
-    out = []
-    for kind in ("guided", "importance"):
-        cfg, step = _step_setup(ctx, kind)
-        batch = _images(ctx.size["batch"], model.config["image_size"])
-
-        def full_step():
-            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, 0, cfg, {}, ctx.device,
-                                             _autocast(ctx.device, "bf16"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        full_step()  # warm-up: first-call work is not a per-step wait
-        out.append(f"{kind} {_host_waits(full_step)}")
-    return ", ".join(out) + " (bf16 step: forward, backward; the loop's .item() calls not included)", "INFO"
-
-
-# ---------------------------------------------------------------------------------------------
-# D: capacity; F: projection
-
-def largest_batch(ctx):
-    """Guided bf16 steps of doubling batch until one fails or a third of the time left is spent."""
-    import train
-    model, optimizer = ctx.model()
-    cfg, step = _step_setup(ctx, "guided")
-    fits, failed, stop = None, "not reached", time.monotonic() + ctx.left() / 3
-    for B in itertools.takewhile(lambda b: time.monotonic() < stop, (8, 16, 32, 48, 64, 96, 128, 192, 256)):
-        batch = _images(B, model.config["image_size"])
-        _reset_memory(ctx)
-        try:
-            loss, _, _ = train.trigen_losses(train._EncodeRender(model), batch, step, 0, dict(cfg, batch_size=B), {},
-                                             ctx.device, _autocast(ctx.device, "bf16"))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.cuda.synchronize(ctx.device)
-            fits = f"{B} ({_memory(ctx)})"
-        except (torch.OutOfMemoryError, RuntimeError) as e:
-            failed = f"{B}: {str(e).splitlines()[0][:120]}"
-            break
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            loss = batch = None
-    return f"fits {fits}; fails at {failed}", "INFO" if fits else "WARN"
-
+# D2: DDP (the speed rows B, C, D1 and F are timing.py's)
 
 def ddp_smoke(ctx):
     out = Path(tempfile.mkdtemp(prefix="g3dr-ddp-")) / "run"
     r = _python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *TRAIN_TINY,
                  "--max_steps", "2", "--save_every", "2", "--device", "cuda", "--out_dir", str(out)], ctx)
     step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
-    ok = step == 2 and "1 x cuda:0" in r.stdout
+    ok = step == 2 and "cuda:0" in r.stdout  # the start-up line names the process's own GPU, LOCAL_RANK 0
     return f"torchrun 1 process (nccl): exit 0, checkpoint at step {step}", "PASS" if ok else "FAIL"
-
-
-def projection(ctx):
-    """300k steps, P(novel) averaging 0.36 over the schedule, 40% of canonical steps depth-guided,
-    VGG + CLIP on canonical steps in the second half (costed as novel minus importance)."""
-    dtype = "bf16" if ctx.cuda else "fp32"  # train.py's default on each device
-    t = {k: ctx.step_ms.get((dtype, k)) for k in ("guided", "importance", "novel")}
-    if None in t.values():
-        return f"needs the {dtype} C rows", "SKIP"
-    canonical = 0.4 * t["guided"] + 0.6 * t["importance"]
-    ms = 0.36 * t["novel"] + 0.64 * canonical + 0.30 * (t["novel"] - t["importance"])
-    days = RECIPE_STEPS * ms / 1e3 / 86400
-    return (f"{ms:.0f} ms/step ({dtype}) -> {RECIPE_GPUS} GPUs: {days:.2f} days (+ gradient all-reduce); "
-            f"1 GPU: {RECIPE_GPUS * days:.1f} days for the same images"), "INFO"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +252,7 @@ ROWS = [
     ("A5", "authors' tiny checkpoint planes, bf16 autocast", "< 3%", lambda c: check_tiny_checkpoint(c, True), False),
     ("A6", "tiny training step, device vs CPU", "loss < 1e-5, grads < 1e-4", check_step_vs_cpu, False),
     ("A7", "tiny training step, bf16 vs fp32", "loss < 3%, cosine > 0.99", check_bf16_vs_fp32, False),
-    ("A8", "train.py 3 steps, then --resume 2 more", "steps 1-5, finite", check_train_resume, False),
+    ("A8", "train.py dies at step 4, --resume to 5", "steps 1-5, finite", check_train_resume, False),
     ("D2", "DDP smoke test (nccl, one process)", "runs", ddp_smoke, True),
     ("B1", "sampler table, forward", "info", lambda c: bench_sampler(c, "table", False), False),
     ("B2", "sampler table, forward + backward", "info", lambda c: bench_sampler(c, "table", True), False),
@@ -544,39 +306,40 @@ def run(args):
         torch.set_num_threads(threads)
 
 
+def _run_row(ctx, fn, tf32):
+    """(value, status) of one row, within the time left; a row that breaks is reported, not raised."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    signal.setitimer(signal.ITIMER_REAL, max(ctx.left(), 0.01))
+    try:
+        return fn(ctx)
+    except (_Deadline, subprocess.TimeoutExpired):
+        return "stopped at the deadline", "SKIP (time)"
+    except Exception as e:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}", "FAIL"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def _run_rows(ctx, args):
+    from outputs import write_json
     name = torch.cuda.get_device_name(ctx.device) if ctx.cuda else "cpu, 1 thread"
     print(f"G3DR device check: {name}, torch {torch.__version__}, size {args.size}, deadline {args.deadline:.0f} s",
           flush=True)
     rows, start = {}, time.monotonic()
     for row_id, check, expect, fn, cuda_only in ROWS:
-        status, value = None, ""
         if cuda_only and not ctx.cuda:
-            status, value = "SKIP", "needs CUDA"
+            value, status = "needs CUDA", "SKIP"
         elif row_id == "C9" and not args.compile:
-            status, value = "SKIP", "pass --compile"
+            value, status = "pass --compile", "SKIP"
         elif ctx.left() <= 0:
-            status, value = "SKIP (time)", "deadline passed"
-        else:
-            ctx.tf32(False if row_id.startswith("A") else True)  # A: float32 references; else as train.py runs
-            signal.setitimer(signal.ITIMER_REAL, max(ctx.left(), 0.01))
-            try:
-                value, status = fn(ctx)
-            except _Deadline:
-                status, value = "SKIP (time)", "stopped at the deadline"
-            except subprocess.TimeoutExpired:
-                status, value = "SKIP (time)", "stopped at the deadline"
-            except Exception as e:  # a row that breaks is reported, and the others still run
-                msg = (str(e).strip().splitlines() or [""])[0][:200]
-                status, value = "FAIL", f"{type(e).__name__}: {msg}"
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            value, status = "deadline passed", "SKIP (time)"
+        else:  # A: float32 references; the others as train.py runs (TF32 on)
+            value, status = _run_row(ctx, fn, tf32=not row_id.startswith("A"))
         rows[row_id] = dict(check=check, value=value, expect=expect, status=status)
         print(f"[{time.monotonic() - start:6.1f} s] {row_id:<4} {status:<11} {check}: {value}", flush=True)
     _print_table(rows)
     if args.json:
-        report = {"device": name, "torch": torch.__version__, "size": args.size, "rows": rows}
-        atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
+        write_json({"device": name, "torch": torch.__version__, "size": args.size, "rows": rows}, args.json)
     failed = [i for i, r in rows.items() if r["status"] == "FAIL" and (i.startswith("A") or i in EXIT_ROWS)]
     if failed:
         print(f"FAILED: {', '.join(failed)}", flush=True)

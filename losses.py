@@ -2,8 +2,9 @@
 G3DR training losses (weights and schedule: train.term_weights): pixel reconstruction, depth, TV on depth, the opacity term,
 an LPIPS-form VGG16 perceptual loss and the CLIP embedding loss.
 
-Every image input is RGB in [-1, 1] (what the renderer returns and what the training loop feeds,
-x * 2 - 1 of the dataset's [0, 1]). Depth is in scene units.
+Every image input is RGB in [0, 1] (what G3DR.render returns and the datasets give). The released code
+measured its losses on [-1, 1] images; each loss here returns that same value (recon_loss by its factor,
+VGGPerceptual through LPIPS' input scaling rewritten for [0, 1]). Depth is in scene units.
 
 The two network losses use frozen pretrained backbones (VGG16 from torchvision, CLIP from open_clip).
 Keep these losses OUTSIDE the model (do not assign them as attributes of G3DR): the model's
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import one_line
+from configurator import one_line
 
 # frozen backbones, keyed by what identifies their weights; see _frozen()
 _BACKBONES = {}
@@ -56,22 +57,25 @@ def _check_pair(pred, target, name):
 def _check_images(pred, target, name):
     _check_pair(pred, target, name)
     if pred.dim() != 4 or pred.shape[1] != 3:
-        raise ValueError(f"{name}: expected images (B, 3, H, W) in [-1, 1], got {tuple(pred.shape)}")
+        raise ValueError(f"{name}: expected images (B, 3, H, W) in [0, 1], got {tuple(pred.shape)}")
 
 
 # -----------------------------------------------------------------------------
 # pixel losses
 
 def recon_loss(pred, target, kind='l1'):
-    """RGB reconstruction of the canonical view, weight 1 in the released recipe.
+    """RGB reconstruction of the canonical view, weight 1 in the released recipe. pred, target in [0, 1].
     kind='l1': mean absolute error, as the released code trains.
     kind='l2': the paper's squared error (Sec. 3, written there as a total squared error). We take
-    the mean rather than the sum so that the loss weights do not depend on the image size."""
+    the mean rather than the sum so that the loss weights do not depend on the image size.
+
+    The value is the released one, which is measured on images in [-1, 1]: a difference there is twice
+    the difference in [0, 1], so the mean absolute error is 2x and the mean squared error 4x ours."""
     _check_pair(pred, target, 'recon_loss')
     if kind == 'l1':
-        return (pred - target).abs().mean()
+        return 2 * (pred - target).abs().mean()
     if kind == 'l2':
-        return (pred - target).pow(2).mean()
+        return 4 * (pred - target).pow(2).mean()
     raise ValueError(f"recon_loss: kind must be 'l1' or 'l2', got {kind!r}")
 
 
@@ -101,11 +105,15 @@ def opacity_loss(opacity):
 # -----------------------------------------------------------------------------
 # VGG16 perceptual loss in the LPIPS form
 
-# LPIPS input scaling ("ScalingLayer", LPIPS v0.1): (x - shift) / scale on images in [-1, 1] is the
+# LPIPS input scaling ("ScalingLayer", LPIPS v0.1): (x - shift) / scale on images x in [-1, 1] is the
 # ImageNet normalisation VGG16 was trained with, ((x + 1) / 2 - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225),
 # to the three decimals LPIPS keeps.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
+# The same layer for images y = (x + 1) / 2 in [0, 1]: (x - shift) / scale = (y - (1 + shift) / 2) / (scale / 2),
+# so VGG sees exactly what LPIPS feeds it.
+SHIFT_01 = tuple((1 + s) / 2 for s in LPIPS_SHIFT)
+SCALE_01 = tuple(s / 2 for s in LPIPS_SCALE)
 LPIPS_EPS = 1e-10  # added to the channel norm before dividing, as LPIPS does
 # torchvision vgg16().features index ranges ending at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -197,8 +205,9 @@ class VGGPerceptual(nn.Module):
 
     Channel weights w_{l,c} (channel_weights=):
     * 'lpips' (default): LPIPS' learned non-negative per-channel weights (the "lin" layers, averaging
-      0.108 / 0.069 / 0.068 / 0.101 / 0.092 over the five levels), read from the installed lpips package (lpips/weights/v0.1/vgg.pth). With these the
-      value equals lpips.LPIPS(net='vgg') on the same backbone, as the release trains.
+      0.108 / 0.069 / 0.068 / 0.101 / 0.092 over the five levels), read from the installed lpips package
+      (lpips/weights/v0.1/vgg.pth). With these the value equals lpips.LPIPS(net='vgg') on the same backbone
+      and the same images in [-1, 1], as the release trains.
     * 'uniform': w_{l,c} = 1, the sum over channels, LPIPS's own uncalibrated mode (lpips=False). With
       unit channel vectors each level's d_l then lies in [0, 4] whatever its width (64..512), so the
       levels count alike, about 10x the calibrated value.
@@ -227,8 +236,8 @@ class VGGPerceptual(nn.Module):
         # non-persistent buffers: they follow .to() but never reach a state_dict / checkpoint
         for l, w in enumerate(channel_weights):
             self.register_buffer(f'channel_weight{l}', w, persistent=False)  # (C_l,)
-        self.register_buffer('shift', torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('scale', torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('shift', torch.tensor(SHIFT_01).view(1, 3, 1, 1), persistent=False)  # for [0, 1]
+        self.register_buffer('scale', torch.tensor(SCALE_01).view(1, 3, 1, 1), persistent=False)
 
     @property
     def backbone(self):
@@ -252,7 +261,7 @@ class VGGPerceptual(nn.Module):
         return out
 
     def forward(self, pred, target, levels=(0, 1, 2, 3, 4), weights=None, reduction='mean'):
-        """pred, target (B, 3, H, W) in [-1, 1]. levels: which of the five levels to use (0-based).
+        """pred, target (B, 3, H, W) in [0, 1]. levels: which of the five levels to use (0-based).
         weights: optional per-level multipliers, a sequence of five indexed by level.
         Returns a scalar (reduction='mean') or (B,) (reduction='none')."""
         levels = tuple(levels)
@@ -277,18 +286,18 @@ class VGGPerceptual(nn.Module):
 def _clip_weights_help(model_name, pretrained, cache_dir):
     """(where the weights come from, where open_clip looks for them) for the error message."""
     import open_clip
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
     try:
         from huggingface_hub import constants
         hf_cache = constants.HF_HUB_CACHE
     except ImportError:
         hf_cache = None
-    if cfg.get('hf_hub') and hf_cache is not None:
+    if tag.get('hf_hub') and hf_cache is not None:
         # open_clip prefers the Hugging Face Hub when huggingface_hub is installed
-        source = f"Hugging Face Hub repo {cfg['hf_hub'].rstrip('/')}"
+        source = f"Hugging Face Hub repo {tag['hf_hub'].rstrip('/')}"
         where = cache_dir or hf_cache
     else:
-        source = cfg.get('url', '?')
+        source = tag.get('url', '?')
         where = cache_dir or os.path.expanduser('~/.cache/clip')
     return source, where
 
@@ -351,7 +360,7 @@ class CLIPEmbeddingLoss(nn.Module):
     (ViT-B/16 with OpenAI weights in the released recipe: weight 0.175 on canonical
     steps in the second half of training, 0.35 on novel steps).
 
-    pred, target (B, 3, H, W) in [-1, 1] -> [0, 1] -> bilinear resize to the model's input size (224
+    pred, target (B, 3, H, W) in [0, 1] -> bilinear resize to the model's input size (224
     for ViT-B-16) -> CLIP mean/std -> encode_image (unnormalised embedding). The target's embedding
     is computed without gradient; gradients flow to pred.
 
@@ -382,10 +391,9 @@ class CLIPEmbeddingLoss(nn.Module):
         return _BACKBONES[self._key]
 
     def embed(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> CLIP image embedding (B, D)."""
+        """x (B, 3, H, W) in [0, 1] (what CLIP's preprocessing starts from) -> CLIP image embedding (B, D)."""
         model = _on_device(self.model, x.device)
-        x = (x.float() + 1) / 2  # [0, 1], what CLIP's preprocessing starts from
-        x = F.interpolate(x, size=self.image_size, mode='bilinear', align_corners=False)
+        x = F.interpolate(x.float(), size=self.image_size, mode='bilinear', align_corners=False)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):  # float32 even inside a bf16 step
             return model.encode_image(x)
@@ -401,34 +409,26 @@ class CLIPEmbeddingLoss(nn.Module):
 # -----------------------------------------------------------------------------
 # the backbones of a training run
 
-def load_perceptual(cfg, device, rank):
-    """The frozen VGG16 / CLIP backbones a train.py run (config `cfg`) needs, by name. Synthetic runs use
-    them only when their pretrained weights are already in the local cache (no download: on a CPU they would
-    also cost more than the rest of the step) and otherwise go on without them, said once at start-up; ImageNet runs download them as needed and
-    fail when they cannot be had, unless the terms are turned off."""
-    perceptual, download = {}, cfg['dataset'] != 'synthetic'
-    wanted = {'vgg': cfg['w_vgg'] or cfg['w_vgg_novel'], 'clip': cfg['w_clip'] or cfg['w_clip_novel']}
-    for name, needed in wanted.items():
-        if not needed:
-            continue
-        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; we say it once below
+PERCEPTUAL = ('vgg', 'clip')
+
+
+def load_perceptual(names, device, *, lpips_weights='lpips', clip_model='ViT-B-16', clip_pretrained='openai',
+                    download=True):
+    """{name: loss module on `device`} for each of `names` in PERCEPTUAL: 'vgg' (VGGPerceptual, pretrained,
+    channel weights lpips_weights) and 'clip' (CLIPEmbeddingLoss(clip_model, clip_pretrained)). Raises
+    WeightsUnavailable when pretrained weights cannot be had (download=False: from the local cache only);
+    what to do then is the caller's decision."""
+    unknown = [n for n in names if n not in PERCEPTUAL]
+    if unknown:
+        raise ValueError(f"load_perceptual: unknown names {unknown}; known: {list(PERCEPTUAL)}")
+    perceptual = {}
+    for name in names:
+        logging.disable(logging.ERROR)  # open_clip logs its failed download before raising; the error says it
         try:
             if name == 'vgg':
-                module = VGGPerceptual(pretrained=True, channel_weights=cfg['lpips_weights'],
-                                              download=download)
+                module = VGGPerceptual(pretrained=True, channel_weights=lpips_weights, download=download)
             else:
-                module = CLIPEmbeddingLoss(cfg['clip_model'], pretrained=cfg['clip_pretrained'],
-                                                  download=download)
-        except WeightsUnavailable as e:
-            if cfg['dataset'] != 'synthetic':
-                raise
-            if rank == 0:
-                off = 'w_vgg=0 --w_vgg_novel=0' if name == 'vgg' else 'w_clip=0 --w_clip_novel=0'
-                what = str(e).split(', failed with')[0].split(': ', 1)[-1]  # which weights, where looked for
-                print(f"note: training without the {name.upper()} loss, its pretrained weights are not in the "
-                      f"local cache ({what}); see losses.py for how to provide them, or silence this with --{off}",
-                      flush=True)
-            continue
+                module = CLIPEmbeddingLoss(clip_model, pretrained=clip_pretrained, download=download)
         finally:
             logging.disable(logging.NOTSET)
         perceptual[name] = module.to(device)

@@ -2,42 +2,39 @@
 Meshes and point clouds from a reconstruction, in the scene's own coordinates (render.py: the box
 [-1, 1]^3, the canonical camera at (-5, 0, 0) looking along +x, +y up).
 
-    field = scene_field(model, model.encode(rgbd))              # one scene's triplane field
+    field = scene_field(model, model.encode(image, depth))      # one scene's triplane field
     mesh = extract_mesh(field, resolution=256)                  # marching cubes at the automatic level
     save_ply('scene.ply', mesh['vertices'], mesh['colors'], mesh['faces'])
     points, colors = canonical_points(field, 64)                # the canonical view as 3D points
-    completeness, precision = mesh_accuracy(mesh['vertices'], mesh['faces'], scenes, index)
 
 The mesh is marching cubes (PyMCubes) over the density of the field sampled on a grid over the box, the
 grid queried a slab at a time so memory stays bounded at any resolution; vertex colours are the colour
 field at the vertices. The iso-level is automatic (`auto_level`, the rule is in its docstring) or given.
 The volume outside the box counts as empty, so every mesh is closed: what the box cuts is capped at its
 faces. `python mesh.py view scene_0.ply scene_0.png` draws a PLY with the small rasteriser below.
+sample.py --mesh / --points writes these files; evaluate.py --mesh scores them against the synthetic
+scenes' true surfaces (with `rasterize` and `project` below).
 """
 import math
 import os
 import sys
-import time
 
 import mcubes                          # marching cubes (C++), numpy in, numpy out
 import numpy as np
 import torch
 import torch.nn.functional as F
 from plyfile import PlyData, PlyElement
-from scipy.spatial import cKDTree      # nearest neighbours for the accuracy metrics (scipy comes with PyMCubes)
 from tqdm import tqdm
 
-from data import atomic_write, one_line, save_grid
+from configurator import one_line
 from model import make_field, sample_triplane, triplane_pyramid
+from outputs import atomic_write, save_grid
 from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
-from scenes import SyntheticScenes
 
 MESH_RES = 256            # grid points per side of the box
-CHUNK = 1 << 18           # points per field query: bounds the memory of the grid pass
+QUERY_POINTS = 1 << 18    # points per field query: bounds the memory of the grid pass
 BOX_SIZE = 2.0            # the scene box [-1, 1]^3 (render.py's box_size)
 MAX_MESH_RES = 1024       # 1024^3 float32 densities are 4 GiB; beyond that, memory runs out
-# the views the accuracy metrics see the scene from: (yaw, pitch) offsets from the canonical camera
-FRONT_VIEWS = [(0.0, 0.0), (-math.pi / 12, 0.0), (math.pi / 12, 0.0), (0.0, -math.pi / 18), (0.0, math.pi / 18)]
 PLY_COMMENT = "G3DR reconstruction: scene box [-1,1]^3, canonical camera at (-5,0,0) looking along +x, +y up"
 
 
@@ -64,10 +61,16 @@ def check_options(resolution, level):
 # -----------------------------------------------------------------------------
 # The field of one scene and its density
 
+def _field_sizes(model):
+    """(levels, projection) of a G3DR: the two sizes of its triplane field, from the model's own sizes."""
+    return model.config['levels'], model.config['projection']  # G3DR's sizes (MODEL_PRESETS), no training config
+
+
 def scene_field(model, planes):
     """planes (1, 3, C, H, W) of G3DR.encode -> field(points (1, M, 3)) -> (rgb (1, M, 3), raw density (1, M, 1))."""
     assert planes.shape[0] == 1, "one scene at a time"
-    return make_field(planes.float(), model.decoder, model.config['levels'], BOX_SIZE, model.config['projection'])
+    levels, projection = _field_sizes(model)
+    return make_field(planes.float(), model.decoder, levels, BOX_SIZE, projection)
 
 
 def sigma_from_raw(raw):
@@ -79,11 +82,11 @@ def raw_from_sigma(sigma):
     return 1 + sigma + math.log(-math.expm1(-sigma))
 
 
-def _query(field, points, chunk=CHUNK):
-    """points (N, 3) -> rgb (N, 3), raw density (N,), a chunk at a time."""
+def _query(field, points, batch=QUERY_POINTS):
+    """points (N, 3) -> rgb (N, 3), raw density (N,), `batch` points at a time."""
     rgb, raw = [], []
-    for i in range(0, len(points), chunk):
-        c, d = field(points[None, i:i + chunk])
+    for i in range(0, len(points), batch):
+        c, d = field(points[None, i:i + batch])
         rgb.append(c[0])
         raw.append(d[0, :, 0])
     return torch.cat(rgb), torch.cat(raw)
@@ -111,7 +114,7 @@ def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
     the faint density in front of surfaces, which renders see through, stays below it.
     Returns (level, number of rays used)."""
     rays_o, rays_d, out = _render_canonical(field, resolution, n_coarse, n_fine, device)
-    w, t = out['weights'][0], out['t'][0]                   # (R, K) interval weights, (R, K + 1) their edges
+    w, t = out['weights'][0], out['t'][0]                   # (R, n) interval weights, (R, n + 1) their edges
     acc = w.cumsum(-1)                                      # opacity at the end of each interval
     opaque = acc[:, -1] > 0.5
     if not opaque.any():
@@ -121,14 +124,14 @@ def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
     trans = (1 - (acc - w)).clamp_min(1e-10)                # transmittance entering each interval
     alpha = (w / trans).clamp(max=1 - 1e-6)
     delta = (t[:, 1:] - t[:, :-1]).clamp_min(1e-6)
-    sigma = -torch.log1p(-alpha) / delta                    # (R, K) each interval's density
+    sigma = -torch.log1p(-alpha) / delta                    # (R, n) each interval's density
     i = (acc < 0.5).sum(-1, keepdim=True)                   # (R, 1) the interval where T crosses 1/2
     # inside an interval sigma is constant, T(s) = T_i exp(-sigma s): T = 1/2 at this fraction of it
     frac = (torch.log(2 * trans.gather(1, i)) / -torch.log1p(-alpha.gather(1, i))).clamp(0, 1)
     t_half = t.gather(1, i) + frac * (t.gather(1, i + 1) - t.gather(1, i))  # (R, 1)
     _, raw = _query(field, rays_o + t_half * rays_d)
     candidates = torch.quantile(sigma_from_raw(raw), torch.linspace(0.05, 0.95, 19))  # (L,)
-    reached = sigma[None] >= candidates[:, None, None]      # (L, R, K)
+    reached = sigma[None] >= candidates[:, None, None]      # (L, R, n)
     first = reached.float().argmax(-1)                      # (L, R) first interval at or above the level
     t_mid = (t[:, 1:] + t[:, :-1]) / 2
     t_cross = torch.where(reached.any(-1), t_mid.gather(1, first.t()).t(), torch.full_like(t_half[:, 0], 1e3))
@@ -150,7 +153,7 @@ def density_grid(field, resolution=MESH_RES, device='cpu', progress=True):
     axis = _grid_axis(resolution, device)
     yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
     grid = np.empty((resolution,) * 3, dtype=np.float32)
-    slabs = max(1, CHUNK // len(yz))
+    slabs = max(1, QUERY_POINTS // len(yz))
     for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
         x = axis[i:i + slabs]
         points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
@@ -170,7 +173,7 @@ def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
     applied to the tables, so what is left per grid point is two additions (in place: the memory traffic is
     the cost), a softplus and a 64 -> 4 layer."""
     first, rest = model.decoder.net[0], model.decoder.net[1:]  # f_dec = FC, softplus, FC (model.Decoder)
-    levels, projection = model.config['levels'], model.config['projection']
+    levels, projection = _field_sizes(model)
     pyramid = triplane_pyramid(planes.float(), levels)
     axis = _grid_axis(resolution, planes.device)
     a, b = (g.reshape(-1) for g in torch.meshgrid(axis, axis, indexing='ij'))  # (res^2,) each, row-major
@@ -187,7 +190,7 @@ def triplane_density_grid(model, planes, resolution=MESH_RES, progress=True):
     c_yz = f_yz - f_xy[0][:, None] - f_xz[0][None] + f_xy[0, 0]  # f(0, j, k) - f(0, j, 0) - f(0, 0, k) + f(0, 0, 0)
     h_yz = (first(c_yz.flatten(0, 1)) - zero).view(resolution, resolution, -1)
     grid = np.empty((resolution,) * 3, dtype=np.float32)
-    slabs = max(1, CHUNK // resolution ** 2)
+    slabs = max(1, QUERY_POINTS // resolution ** 2)
     buffer = h_xy.new_empty(min(slabs, resolution), resolution, resolution, h_xy.shape[-1])
     for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
         n = min(slabs, resolution - i)
@@ -288,7 +291,7 @@ def load_ply(path):
 # -----------------------------------------------------------------------------
 # A small z-buffer rasteriser: mesh pictures and which vertices a camera sees
 
-def _project(vertices, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
+def project(vertices, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES):
     """vertices (V, 3) -> pixel (col, row) (V, 2) in the pixel grid of get_rays and depth along the
     camera's viewing axis (V,)."""
     cam2world = orbit_camera(yaw, pitch, radius)[0]
@@ -305,7 +308,7 @@ def rasterize(vertices, faces, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov
     correct barycentric weights (S, S, 3). Every triangle is tested at the pixels of its bounding box,
     triangles grouped by box size so the work stays about proportional to the covered pixels."""
     S = resolution
-    pix, z = _project(vertices, yaw, pitch, S, radius, fov)
+    pix, z = project(vertices, yaw, pitch, S, radius, fov)
     tri, tz = pix[faces], z[faces]                                          # (F, 3, 2), (F, 3)
     lo, hi = tri.amin(1).ceil(), tri.amax(1).floor().clamp(max=S - 1)
     lo = lo.clamp(min=0)
@@ -368,106 +371,6 @@ def render_mesh(vertices, faces, colors, yaw, pitch, resolution, shade=True, bac
         image = image * (0.45 + 0.55 * lambert[..., None])
     image = torch.where(hit[..., None], image, torch.full_like(image, background))
     return image.permute(2, 0, 1).clamp(0, 1)
-
-
-# -----------------------------------------------------------------------------
-# Accuracy against the true surfaces of the synthetic scenes
-
-def _tree(points):
-    # compact_nodes (the default) makes queries 10x+ slower on meshes with many coplanar points (the box caps)
-    return cKDTree(np.asarray(points, np.float64), balanced_tree=False, compact_nodes=False)
-
-
-def true_surface_points(scenes, index, resolution=256):
-    """Points of scene `index`'s surface visible from FRONT_VIEWS, from exact ray casting: (N, 3) numpy."""
-    points = []
-    for dyaw, dpitch in FRONT_VIEWS:
-        yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
-        _, depth = scenes.render_view(index, yaw, pitch, resolution)
-        rays_o, rays_d = get_rays(orbit_camera(yaw, pitch), FOV_DEGREES, resolution)
-        depth = depth.view(-1, 1)
-        points.append((rays_o[0] + depth * rays_d[0])[depth[:, 0] > 0])
-    return torch.cat(points).numpy()
-
-
-def visible_vertices(vertices, faces, resolution=256, tolerance=0.02):
-    """Mask (V,) of the vertices some view of FRONT_VIEWS sees: in the picture and no more than
-    `tolerance` behind the nearest surface at their pixel."""
-    vertices, faces = torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces).long()
-    seen = torch.zeros(len(vertices), dtype=torch.bool)
-    for dyaw, dpitch in FRONT_VIEWS:
-        yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
-        zbuf, _, _ = rasterize(vertices, faces, yaw, pitch, resolution)
-        pix, z = _project(vertices, yaw, pitch, resolution)
-        p = pix.round().long()
-        inside = ((p >= 0) & (p < resolution)).all(1)
-        p = p.clamp(0, resolution - 1)
-        seen |= inside & (z <= zbuf[p[:, 1], p[:, 0]] + tolerance)
-    return seen.numpy()
-
-
-def mesh_accuracy(vertices, faces, scenes, index, resolution=256):
-    """(completeness, precision) of a mesh of scene `index` of `scenes` (SyntheticScenes), in scene units:
-    completeness = median distance from the true surface seen from FRONT_VIEWS to the mesh (to its nearest
-    vertex or face centre); precision = median distance from the mesh vertices those views see to the
-    true surface (to its nearest ray-cast point; the views are cast at resolution x resolution)."""
-    vertices, faces = np.asarray(vertices, np.float32), np.asarray(faces)
-    truth = true_surface_points(scenes, index, resolution)
-    mesh_points = np.concatenate([vertices, vertices[faces].mean(1)])
-    completeness = np.median(_tree(mesh_points).query(truth)[0])
-    seen = vertices[visible_vertices(vertices, faces, resolution)]
-    precision = np.median(_tree(truth).query(seen)[0]) if len(seen) else math.inf
-    return float(completeness), float(precision)
-
-
-# -----------------------------------------------------------------------------
-# sample.py --mesh / --points / --mesh --eval
-
-@torch.no_grad()
-def export(model, items, out_dir, args, device='cpu'):
-    """items: (name, image (1, 3, S, S) in [0, 1], depth (1, 1, S, S)) -> NAME.ply with --mesh,
-    NAME_points.ply with --points, in out_dir."""
-    for name, image, depth in items:
-        start = time.perf_counter()
-        planes = model.encode(torch.cat([image * 2 - 1, depth], 1).to(device))
-        field = scene_field(model, planes)
-        if args.mesh:
-            grid = triplane_density_grid(model, planes, args.mesh_res)
-            mesh = extract_mesh(field, args.mesh_res, args.mesh_level, grid, device)
-            path = os.path.join(out_dir, f"{name}.ply")
-            save_ply(path, mesh['vertices'], mesh['colors'], mesh['faces'])
-            how = 'automatic: the density whose crossings best match where canonical rays stop' \
-                if mesh['level_rule'] == 'auto' else 'given'
-            print(f"wrote {path}: {len(mesh['vertices']):,} vertices, {len(mesh['faces']):,} faces, "
-                  f"{args.mesh_res}^3 grid, iso-level {mesh['level']:.4g} ({how}), "
-                  f"{time.perf_counter() - start:.1f} s")
-        if args.points:
-            points, colors = canonical_points(field, args.resolution or image.shape[-1], args.n_coarse,
-                                              args.n_fine, device)
-            path = os.path.join(out_dir, f"{name}_points.ply")
-            save_ply(path, points, colors)
-            print(f"wrote {path}: {len(points):,} points")
-
-
-@torch.no_grad()
-def evaluate(model, args, seed, image_size, device='cpu'):
-    """Mesh accuracy on args.eval_scenes held-out synthetic scenes (family `seed`) -> metrics dict."""
-    scenes = SyntheticScenes(args.eval_scenes, image_size=image_size, seed=seed)
-    rows = []
-    for k in tqdm(range(len(scenes)), desc='mesh eval'):
-        item = scenes[k]
-        start = time.perf_counter()
-        planes = model.encode(torch.cat([item['image'][None] * 2 - 1, item['depth'][None]], 1).to(device))
-        grid = triplane_density_grid(model, planes, args.mesh_res, progress=False)
-        mesh = extract_mesh(scene_field(model, planes), args.mesh_res, args.mesh_level, grid, device)
-        seconds = time.perf_counter() - start
-        completeness, precision = mesh_accuracy(mesh['vertices'], mesh['faces'], scenes, k)
-        rows.append(dict(scene=k, completeness=completeness, precision=precision, level=mesh['level'],
-                         vertices=len(mesh['vertices']), seconds=seconds))
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)
-    return dict(completeness=mean('completeness'), precision=mean('precision'), seconds_per_scene=mean('seconds'),
-                mesh_res=args.mesh_res, level=args.mesh_level or 'auto', scenes=len(rows), seed=seed,
-                front_views=[[round(y, 4), round(p, 4)] for y, p in FRONT_VIEWS], per_scene=rows)
 
 
 def main(argv):

@@ -1,12 +1,9 @@
 """
 G3DR model: the triplane field (multi-resolution sampler + decoder f_dec) and the G3DR module that
-ties f_trigen (unet.UNet: one RGB-D image -> a triplane), f_dec and the renderer together.
+ties f_trigen (unet.UNet: one RGB-D image -> a triplane), f_dec and the renderer together. Images at
+G3DR's API are in [0, 1]. Its checkpoints (ours and the authors') are read and written by checkpoint.py.
 """
 import math
-import pickle
-import re
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -250,7 +247,9 @@ def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="o
 # === end triplane field ===
 
 # === the G3DR module: f_trigen (unet.UNet) + f_dec, rendered through the field ===
-# f_dec lives under `decoder.` in our state dict and in the authors'.
+# Images at its API are in [0, 1] (what scenes.py and data.py give); the [-1, 1] of the released network
+# stays inside: encode maps its input, render maps render.py's output. f_dec lives under `decoder.` in
+# our state dict and in the authors' (checkpoint.py reads and writes both).
 
 
 MODEL_PRESETS = {
@@ -266,76 +265,6 @@ MODEL_PRESETS = {
     "tiny": dict(dim=16, dim_mults=(1, 2), image_size=32, plane_channels=8, pos_channels=8,
                  levels=3, decoder_hidden=64, projection="official"),
 }
-
-
-class UnsafeCheckpointError(ValueError):
-    """The safe loader (torch.load weights_only=True) refused a checkpoint: loading it fully would
-    run code stored in the file."""
-
-
-def _first_line(e):
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-
-
-def load_checkpoint(path, trust=False):
-    """torch.load a checkpoint onto the CPU, turning every failure into a one-line error.
-
-    Safe by default: only tensors and plain Python values are unpickled (weights_only=True), so a
-    file cannot run code. A file that needs more is refused with UnsafeCheckpointError, unless
-    trust=True (--trust_checkpoint), which loads it fully after a one-line warning."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not str(e).startswith("Weights only load failed"):
-            raise ValueError(f"{path}: not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-        # torch's explanation is a paragraph; the line after "WeightsUnpickler error:" says what was refused
-        detail = str(e).partition("WeightsUnpickler error:")[2]
-        why = next((l.strip() for l in detail.splitlines() if l.strip()), "unknown content")
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global", why)  # a function or class to import
-    except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
-    if not trust:
-        what = (f"refused: it needs {refused[1]}, which the safe loader does not allow" if refused else
-                f"not a PyTorch checkpoint, or one the safe loader cannot read ({why.split(' Please', 1)[0]})")
-        raise UnsafeCheckpointError(f"{path}: {what}; loading it fully runs code stored in the file: only if you "
-                                    f"trust its source, pass --trust_checkpoint (trust=True in Python)")
-    print(f"warning: {path}: --trust_checkpoint: loading it fully, which runs any code stored in the file",
-          file=sys.stderr, flush=True)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
-
-
-def _infer_official_config(sd, source):
-    """Sizes of an authors' f_trigen state dict ('module.' already stripped); absent keys are left
-    out, so the strict load that follows reports them."""
-    cfg = {}
-    if "init_conv.weight" in sd:
-        cfg["dim"] = sd["init_conv.weight"].shape[0]
-    if "pos_embed" in sd:
-        cfg["pos_channels"], cfg["image_size"] = sd["pos_embed"].shape[1], sd["pos_embed"].shape[-1]
-    n_stages = 0
-    while f"downs.{n_stages}.0.block1.proj.weight" in sd:
-        n_stages += 1
-    if "dim" in cfg and n_stages and "mid_block1.block1.proj.weight" in sd:
-        # dim_in of every down stage, then the middle width = dim x mults
-        widths = [sd[f"downs.{i}.0.block1.proj.weight"].shape[0] for i in range(1, n_stages)]
-        widths.append(sd["mid_block1.block1.proj.weight"].shape[0])
-        if any(w % cfg["dim"] for w in widths):
-            raise ValueError(f"{source}: stage widths {widths} are not multiples of the base width {cfg['dim']}")
-        cfg["dim_mults"] = tuple(w // cfg["dim"] for w in widths)
-    if "final_conv.weight" in sd:
-        out = sd["final_conv.weight"].shape[0]
-        if out % 3:
-            raise ValueError(f"{source}: final_conv has {out} output channels, not 3 x plane channels")
-        cfg["plane_channels"] = out // 3
-    if "decoder.net.0.weight" in sd:
-        cfg["decoder_hidden"] = sd["decoder.net.0.weight"].shape[0]
-    return cfg
 
 
 class G3DR(nn.Module):
@@ -360,20 +289,36 @@ class G3DR(nn.Module):
                          image_size=config["image_size"], pos_channels=config["pos_channels"])  # f_trigen
         self.decoder = Decoder(config["plane_channels"], hidden=config["decoder_hidden"])  # f_dec
 
-    def encode(self, rgbd):
-        """rgbd (B, 4, H, W): rgb in [-1, 1], depth in scene units -> planes (B, 3, C, H, W)."""
-        if rgbd.ndim != 4 or rgbd.shape[1] != 4:
-            raise ValueError(f"encode expects an RGB-D batch (B, 4, H, W), got {tuple(rgbd.shape)}")
-        B, _, H, W = rgbd.shape
+    def encode(self, image, depth):
+        """image (B, 3, H, W) in [0, 1], depth (B, 1, H, W) in scene units -> planes (B, 3, C, H, W)."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"encode: image must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        B, _, H, W = image.shape
+        if tuple(depth.shape) != (B, 1, H, W):
+            raise ValueError(f"encode: depth must be (B, 1, H, W) = {(B, 1, H, W)} like the image, "
+                             f"got {tuple(depth.shape)}")
+        # f_trigen sees rgb in [-1, 1], the range the released network was trained with: the one place
+        # where the project's [0, 1] images are mapped to it
+        rgbd = torch.cat([image * 2 - 1, depth], 1)  # (B, 4, H, W)
         return self.unet(rgbd).view(B, 3, self.config["plane_channels"], H, W)
 
     def render(self, planes, rays_o, rays_d, box_size=2.0, sampler=None, **render_opts):
-        """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays (rgb, depth, opacity, ...).
-        sampler: None takes the model's (self.sampler)."""
+        """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays with rgb (B, R, 3) in
+        [0, 1], depth (B, R, 1), opacity (B, R, 1), ... sampler: None takes the model's (self.sampler)."""
         # the field samples float32 planes: under bf16 autocast f_trigen hands back bf16 ones
         field = make_field(planes.float(), self.decoder, self.config["levels"], box_size, self.config["projection"],
                            self.sampler if sampler is None else sampler)
-        return render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
+        out = render_rays(field, rays_o, rays_d, box_size=box_size, **render_opts)
+        out["rgb"] = (out["rgb"] + 1) / 2  # render.py's [-1, 1] (the release's) -> [0, 1]
+        return out
+
+    def forward(self, image, depth, rays_o, rays_d, **render_opts):
+        """encode + render as one call (a training step's prediction), so that DistributedDataParallel,
+        wrapping the G3DR, sees and syncs the whole step. f_trigen runs under whatever autocast the
+        caller set; the field (f_dec) and the compositing always run in float32."""
+        planes = self.encode(image, depth)  # (B, 3, C, H, W)
+        with torch.autocast(device_type=planes.device.type, enabled=False):
+            return self.render(planes.float(), rays_o, rays_d, **render_opts)
 
     def render_view(self, planes, yaw, pitch, resolution, radius=CAMERA_RADIUS, fov=FOV_DEGREES, chunk=None,
                     box_size=2.0, surface_depth=None, with_opacity=False, perturb=False, **render_opts):
@@ -385,8 +330,7 @@ class G3DR(nn.Module):
         yaw/pitch: floats or (B,) tensors; surface_depth (B, 1, S, S) enables the depth-guided
         samples and gradient rescaling (canonical view). perturb=False (default): the deterministic
         samples of inference, no jitter. Returns images (B, 3, S, S) in [0, 1], as
-        scenes.SyntheticScenes.render_view (render() and the training losses keep [-1, 1]), and
-        depth (B, 1, S, S) (+ opacity (B, 1, S, S) with with_opacity=True)."""
+        scenes.SyntheticScenes.render_view, and depth (B, 1, S, S) (+ opacity (B, 1, S, S) with with_opacity=True)."""
         B, S = planes.shape[0], resolution
         if chunk is None:
             chunk = 4096 if planes.device.type == "cpu" else 65536
@@ -399,72 +343,11 @@ class G3DR(nn.Module):
         # for the whole view, so a chunked view is the same render as an unchunked one
         out = self.render(planes, rays_o, rays_d, box_size=box_size, surface_depth=surface_depth,
                           chunk=max(1, chunk // B), perturb=perturb, **render_opts)
-        images = out["rgb"].transpose(1, 2).reshape(B, 3, S, S)  # (B, R, 3) -> (B, 3, S, S), in [-1, 1]
-        images = (images + 1) / 2                                 # the picture range, [0, 1]
+        images = out["rgb"].transpose(1, 2).reshape(B, 3, S, S)  # (B, R, 3) -> (B, 3, S, S), in [0, 1]
         depth = out["depth"].reshape(B, 1, S, S)
         if with_opacity:
             return images, depth, out["opacity"].reshape(B, 1, S, S)
         return images, depth
 
-    # --- checkpoints ---------------------------------------------------------------------------
 
-    def official_state_dict(self):
-        """The state dict under the authors' key names (their checkpoint adds a 'module.' prefix)."""
-        return {(k if k.startswith("decoder.") else k.removeprefix("unet.")): v for k, v in self.state_dict().items()}
-
-    def checkpoint(self):
-        """The model part of our checkpoint: enough on its own to rebuild the model."""
-        return {"model_config": dict(self.config), "model": self.state_dict()}
-
-    def _load_strict(self, state_dict, own, source, to_ours=lambda k: k):
-        """Load `state_dict` whose keys/shapes must equal `own`'s exactly, else one error listing all."""
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        misshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                     for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-        found = [("missing", missing), ("unexpected", unexpected), ("mis-shaped (checkpoint vs model)", misshaped)]
-        problems = [f"{len(keys)} {what}: {', '.join(keys[:6])}" + (f", ... (+{len(keys) - 6} more)" * (len(keys) > 6))
-                    for what, keys in found if keys]
-        if problems:
-            raise ValueError(f"{source}: checkpoint does not fit G3DR({self.config}): " + "; ".join(problems))
-        self.load_state_dict({to_ours(k): v for k, v in state_dict.items()})
-
-    @classmethod
-    def from_official(cls, path, trust=False, **overrides):
-        """Load the authors' checkpoint ({'step', 'model', ...}, keys prefixed 'module.'). Sizes come
-        from the checkpoint; overrides set the rest (levels, projection) or force a size. trust: see
-        load_checkpoint (a plain state dict needs none)."""
-        ckpt = load_checkpoint(path, trust=trust)
-        sd = ckpt.get("model") if isinstance(ckpt, dict) else None
-        if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-            found = sorted(map(str, ckpt))[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path}: not an official G3DR checkpoint (expected a dict whose 'model' is a "
-                             f"state dict; found {found})")
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        model = cls(**{**_infer_official_config(sd, path), **overrides})
-        model._load_strict(sd, model.official_state_dict(), path,
-                           to_ours=lambda k: k if k.startswith("decoder.") else "unet." + k)
-        return model
-
-    @classmethod
-    def from_checkpoint(cls, path_or_dict, trust=False):
-        """Rebuild a model from our checkpoint {'model_config': dict, 'model': state_dict, ...}.
-        trust: see load_checkpoint (our own checkpoints need none)."""
-        if isinstance(path_or_dict, dict):
-            ckpt, source = path_or_dict, "checkpoint dict"
-        else:
-            ckpt, source = load_checkpoint(path_or_dict, trust=trust), path_or_dict
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_config"), dict) \
-                or not isinstance(ckpt.get("model"), dict):
-            hint = ""
-            if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) \
-                    and any(str(k).startswith("module.") for k in ckpt["model"]):
-                hint = " (this looks like the authors' format: use G3DR.from_official)"
-            raise ValueError(f"{source}: not a G3DR checkpoint, expected a dict with 'model_config' and 'model'{hint}")
-        try:
-            model = cls(ckpt["model_config"])
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: bad model_config {ckpt['model_config']}: {e}") from None
-        model._load_strict(ckpt["model"], model.state_dict(), source)
-        return model
 # === end G3DR module ===

@@ -1,8 +1,11 @@
 """
-What makes a training run resumable and distributed: the batches as a function of the step alone, checkpoints
-written atomically with every process's RNG state in a form the safe loader reads, and the torchrun set-up.
-train.py uses these; the G3DR method itself is not here.
+What every training script shares and the G3DR method does not: several processes (torchrun), batches as a
+function of the step (so a resumed run continues exactly), every process's RNG state, the out folder and its
+metrics log, and the plumbing of one optimiser step (gradient accumulation, the non-finite skip, checkpoints).
+train.py (f_trigen), train_rgbd.py (f_rgbd) and train_sr.py (super-resolution) call these; each keeps its own
+loop, which reads top to bottom.
 """
+import contextlib
 import json
 import os
 import random
@@ -10,7 +13,55 @@ import random
 import numpy as np
 import torch
 
-from data import atomic_write
+import checkpoint
+from configurator import ConfigError
+from outputs import atomic_write
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun)
+
+def setup_distributed(device):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process. Each process
+    makes its own GPU the current one and touches no other. Returns (rank, world_size, device)."""
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        local_rank = int(os.environ['LOCAL_RANK'])
+        use_cuda = device.startswith('cuda')
+        if use_cuda:
+            device = f'cuda:{local_rank}'
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    if device.startswith('cuda'):
+        torch.cuda.set_device(torch.device(device))
+    return 0, 1, device
+
+
+def _divisors(n):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def split_batch(global_batch, world_size, max_batch, explicit=False):
+    """(micro-batch per process, accumulation steps) so that every optimiser step sees exactly global_batch
+    images: global_batch = world_size x micro-batch x accumulation. explicit=False (the user did not set
+    --batch_size): the largest micro-batch <= max_batch (the recipe's, so memory does not grow) that divides
+    this process's share; explicit=True: max_batch itself, which must divide the share. One-line ConfigErrors
+    name the nearest workable choices."""
+    if global_batch % world_size:
+        near = sorted(_divisors(global_batch), key=lambda d: (abs(d - world_size), d))[:2]
+        raise ConfigError(f"--global_batch {global_batch} cannot be split over {world_size} processes; use "
+                          f"{' or '.join(map(str, sorted(near)))} processes, or a --global_batch that is a "
+                          f"multiple of {world_size}")
+    share = global_batch // world_size
+    if explicit:
+        if share % max_batch:
+            near = sorted(_divisors(share), key=lambda d: (abs(d - max_batch), d))[:2]
+            raise ConfigError(f"--batch_size {max_batch} does not divide the {share} images per process of "
+                              f"--global_batch {global_batch} over {world_size} process(es); use --batch_size "
+                              f"{' or '.join(map(str, sorted(near)))}, or leave it out to have it chosen")
+        return max_batch, share // max_batch
+    micro = max(d for d in _divisors(share) if d <= max(1, max_batch))
+    return micro, share // micro
+
 
 # -----------------------------------------------------------------------------
 # data: a deterministic, resumable, distributed stream of batches
@@ -47,42 +98,30 @@ class StepBatchSampler:
         return max(0, self.max_steps - self.start_step)
 
 
-def make_loader(dataset, cfg, rank, world_size, start_step, accumulation):
-    sampler = StepBatchSampler(len(dataset), cfg['batch_size'], rank, world_size, cfg['seed'],
-                               start_step * accumulation, cfg['max_steps'] * accumulation)
+def make_loader(dataset, batch_size, num_workers, seed, rank, world_size, start_step, accumulation, max_steps):
+    """This process's micro-batches for optimiser steps start_step .. max_steps - 1 (StepBatchSampler)."""
+    sampler = StepBatchSampler(len(dataset), batch_size, rank, world_size, seed,
+                               start_step * accumulation, max_steps * accumulation)
     # The loader draws its workers' base seed from this generator, not from the global RNG, whose state a
     # resumed run has just restored from the checkpoint and must continue exactly.
-    generator = torch.Generator().manual_seed(seed_from(cfg['seed'], rank, start_step))
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg['num_workers'],
+    generator = torch.Generator().manual_seed(seed_from(seed, rank, start_step))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(), generator=generator)
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written atomically, so a run killed at any moment leaves the last good one intact
-
-def save_checkpoint(path, state):
-    atomic_write(path, lambda f: torch.save(state, f))  # a temporary PATH.tmp-PID, renamed into place
-
-
-_DROP = object()
-
-
-def plain_state(value):
-    """`value` with every entry the safe loader (torch.load weights_only=True) would refuse left out:
-    some PyTorch versions put functions in scheduler state dicts (OneCycleLR's anneal_func), which the
-    scheduler rebuilds from its constructor arguments anyway."""
-    if isinstance(value, dict):
-        items = {k: plain_state(v) for k, v in value.items()}
-        return {k: v for k, v in items.items() if v is not _DROP}
-    if isinstance(value, (list, tuple)):
-        items = [plain_state(v) for v in value]
-        return _DROP if _DROP in items else type(value)(items)
-    return value if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)) else _DROP
-
+# random number generators: seeded per process, saved and restored per process
 
 def seed_from(*numbers):
     """A well-mixed 32-bit seed from non-negative integers, e.g. (seed, rank, step)."""
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+def seed_all(seed):
+    """torch (CPU and every GPU), numpy and Python's random from one seed."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def rng_state(device):
@@ -115,10 +154,7 @@ def set_rng_state(states, rank, step, seed, device):
     states of every visible device): it is rank 0's."""
     states = [states] if isinstance(states, dict) else list(states or [])
     if rank >= len(states):
-        s = seed_from(seed, rank, step)
-        torch.manual_seed(s)  # CPU and every GPU
-        np.random.seed(s)
-        random.seed(s)
+        seed_all(seed_from(seed, rank, step))
         return
     state = states[rank]
     torch.set_rng_state(state['torch'])
@@ -135,6 +171,9 @@ def set_rng_state(states, rank, step, seed, device):
         if cuda is not None:
             torch.cuda.set_rng_state(cuda, device)
 
+
+# -----------------------------------------------------------------------------
+# the out folder: metrics.jsonl and checkpoints
 
 def trim_metrics(path, last_step):
     """On resume, drop metric lines logged after the checkpoint we continue from."""
@@ -155,20 +194,109 @@ def prepare_out_dir(out_dir, start_step):
             os.remove(os.path.join(out_dir, name))
 
 
-# -----------------------------------------------------------------------------
-# several processes (torchrun)
+def log_metrics(out_dir, record):
+    """Append one JSON line to out_dir/metrics.jsonl."""
+    with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
 
-def setup_distributed(device):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python train.py` is one process. Each process
-    makes its own GPU the current one and touches no other."""
-    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        local_rank = int(os.environ['LOCAL_RANK'])
-        use_cuda = device.startswith('cuda')
-        if use_cuda:
-            device = f'cuda:{local_rank}'
-            torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend='nccl' if use_cuda else 'gloo')
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-    if device.startswith('cuda'):
-        torch.cuda.set_device(torch.device(device))
-    return 0, 1, device
+
+def run_checkpoint(argv_resume, out_dir, kind, trust):
+    """The checkpoint to continue from (--resume) or None; a new run refuses to overwrite one."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if argv_resume:
+        if not os.path.exists(path):
+            raise ConfigError(f"--resume: no checkpoint at {path}")
+        return checkpoint.load_run(path, kind, trust=trust)
+    if os.path.exists(path):
+        raise ConfigError(f"{path} already exists: pass --resume to continue that run, or pick another --out_dir")
+    return None
+
+
+def make_optimizer(model, lr, betas, weight_decay, max_steps, warmup_frac, div_factor, cycle_beta1):
+    """Adam + one-cycle: warm up from lr / div_factor over warmup_frac of the steps, then cosine-anneal.
+    With cycle_beta1 (as released), Adam's beta1 moves the other way, 0.95 -> 0.85 at the peak lr -> 0.95
+    (torch's defaults, which the release keeps)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max_steps,
+                                                    pct_start=warmup_frac, div_factor=div_factor,
+                                                    cycle_momentum=cycle_beta1, base_momentum=0.85,
+                                                    max_momentum=0.95)
+    return optimizer, scheduler
+
+
+def restore(ckpt, model, optimizer, scheduler, rank, seed, device):
+    """Load a resumed run's state into the objects and this process's RNGs; returns the step to start at."""
+    if ckpt is None:
+        return 0
+    model.load_state_dict(ckpt['model'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    scheduler.load_state_dict(ckpt['scheduler'])
+    set_rng_state(ckpt.get('rng'), rank, ckpt['step'], seed, device)
+    return ckpt['step']
+
+
+def save_run(path, kind, model, model_config, optimizer, scheduler, step, config, device, rank, world_size):
+    """Called by every process: each contributes its own RNG state (a collective); rank 0 writes, atomically.
+    Everything in the file is tensors and plain Python values, so the safe loader reads it."""
+    rng = rng_states(device, world_size)
+    if rank == 0:
+        checkpoint.save(path, checkpoint.training_state(kind, model, model_config, step=step, config=config,
+                                                        optimizer=optimizer, scheduler=scheduler, rng=rng))
+
+
+# -----------------------------------------------------------------------------
+# one optimiser step: accumulation and the non-finite skip
+
+def describe(model, device, world_size, batch_size, accumulation, global_batch):
+    """The start-up line's middle: parameters, device and how global_batch is split."""
+    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device} | {world_size} "
+            f"processes x {batch_size} micro-batch x {accumulation} accumulation = {global_batch} images a step")
+
+
+def autocast_for(device, dtype):
+    """The context a training step's network runs in: torch.autocast to `dtype` (bf16 opt-in) or nothing.
+    Returned as a callable so that every micro-batch enters a fresh context."""
+    if dtype is None:
+        return contextlib.nullcontext
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def all_finite(loss, world_size):
+    """True when this micro-batch's loss is finite on every process (a collective with several), so that
+    all of them skip a bad step together."""
+    finite = torch.isfinite(loss.detach()).float()
+    if world_size > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return finite.item() == 1
+
+
+def backward(net, loss, accumulation, last, world_size):
+    """loss / accumulation backward, so that the step's gradient is the mean over all its images. DDP
+    averages over the processes once, on the last micro-batch; the others run under no_sync."""
+    with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
+        (loss / accumulation).backward()
+
+
+def apply_step(model, optimizer, grad_clip, ok):
+    """Clip (grad_clip 0: no clipping) and step, unless the step already went bad or its gradient is not
+    finite (gradients are synchronised here, so every process decides alike). Returns whether it stepped."""
+    if ok:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        ok = bool(torch.isfinite(grad_norm))
+    if ok:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return ok
+
+
+def count_bad(ok, bad_in_row, policy, step, ckpt_path):
+    """The number of non-finite steps in a row after this one; stops the run on policy 'stop' or after 20."""
+    if ok:
+        return 0
+    bad_in_row += 1
+    if policy == 'stop' or bad_in_row >= 20:
+        raise FloatingPointError(f"non-finite loss or gradient at step {step} ({bad_in_row} in a row); "
+                                 f"the last good checkpoint is {ckpt_path}")
+    return bad_in_row

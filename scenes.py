@@ -28,7 +28,8 @@ sphere-traced on their exact signed distance function, then refined by Newton st
 their depth is exact to float precision as well.
 
 Items are dicts like data.py's: `image` (3, S, S) in [0, 1], `depth` (1, S, S) in [4, 6),
-`label` (the main object's shape, an index into SHAPES), `path` (a scene id).
+`label` (the main object's shape, an index into SHAPES), `path` (a scene id). Bad arguments raise
+ValueError with a one-line message.
 """
 import colorsys
 import math
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import DataError
 from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 
 SHAPES = ('sphere', 'box', 'cylinder', 'cone', 'torus', 'capsule')  # the class names
@@ -415,11 +415,11 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
     def __init__(self, num_scenes, image_size=64, seed=0):
         if int(num_scenes) < 1:
-            raise DataError(f"num_scenes must be positive, got {num_scenes}")
+            raise ValueError(f"num_scenes must be positive, got {num_scenes}")
         if int(image_size) < 2:
-            raise DataError(f"image_size must be at least 2, got {image_size}")
+            raise ValueError(f"image_size must be at least 2, got {image_size}")
         if int(seed) < 0:
-            raise DataError(f"seed must be non-negative, got {seed}")
+            raise ValueError(f"seed must be non-negative, got {seed}")
         self.num_scenes, self.image_size, self.seed = int(num_scenes), int(image_size), int(seed)
         self._canonical_rays = {}
 

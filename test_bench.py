@@ -1,5 +1,6 @@
-"""Tests of bench.py: the device check (gpu_check.py) in its CPU dry run, its deadline and exit status; the
-ablation table end to end."""
+"""Tests of bench.py: the device check (gpu_check.py, timing.py) in its CPU dry run, its deadline and exit status,
+the public APIs it is held to; the ablation table end to end."""
+import ast
 import json
 import subprocess
 import sys
@@ -25,6 +26,22 @@ def test_cpu_dry_run_passes_its_correctness_rows(tmp_path):
     # every other row ran (nothing left to the deadline) and the summary table was printed
     assert all(r["status"] in ("PASS", "INFO") for i, r in rows.items() if i not in cuda_only | {"C9"})
     assert "F    INFO" in r.stdout
+
+
+def test_the_tools_use_public_apis_only():
+    """No private name of another module (train._EncodeRender once), no import of bench.py by the device
+    check, no code handed to `python -c`."""
+    for name in ("bench.py", "gpu_check.py", "timing.py"):
+        tree = ast.parse((REPO / name).read_text())
+        private = [f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                   and isinstance(n.value, ast.Name) and n.attr.startswith("_") and not n.attr.startswith("__")
+                   and n.value.id in ("train", "model", "losses", "checkpoint", "render", "gpu_check", "timing")]
+        assert private == [], (name, private)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        if name != "bench.py":
+            assert "bench" not in imported, name
+        assert '"-c"' not in (REPO / name).read_text(), name
 
 
 def _fake_rows(monkeypatch, rows):

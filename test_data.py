@@ -1,9 +1,9 @@
-"""Tests of data.py: the ImageNet-with-depth loader and its input checks, make_depth with a stand-in
-estimator, the shared one-line errors and atomic writes, and picture I/O."""
+"""Tests of data.py: the ImageNet-with-depth loader and its input checks, the 16-bit depth format, the
+single-input helpers sample.py uses, and `python data.py check`. (prepare_depth.py, which makes the
+depth maps, is tested in test_prepare_depth.py; pictures and atomic writes in test_outputs.py.)"""
 import os
 import subprocess
 import sys
-import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +241,8 @@ def test_images_without_depth(tmp_path):
         _write_pair(tmp_path / 'cls', name)
     for name in ('c', 'd', 'e', 'f'):
         Image.new('RGB', (40, 30)).save(tmp_path / 'cls' / f"{name}.jpg")
-    _raises(['4 of 6', 'cls/c.jpg', 'cls/d.jpg', 'cls/e.jpg', 'skip_missing_depth', 'make_depth'], ImageNetDepth, tmp_path)
+    _raises(['4 of 6', 'cls/c.jpg', 'cls/d.jpg', 'cls/e.jpg', 'skip_missing_depth', 'prepare_depth.py'],
+            ImageNetDepth, tmp_path)
     with pytest.warns(UserWarning, match='skipping 4 of 6'):
         ds = ImageNetDepth(tmp_path, image_size=8, skip_missing_depth=True)
     assert sorted(Path(ds[i]['path']).name for i in range(len(ds))) == ['a.jpg', 'b.jpg']
@@ -285,134 +286,67 @@ def test_ambiguous_layouts(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# make_depth with a stand-in estimator
-
-class _StandIn:
-    """Inverse depth = 1 + green channel (brighter green = nearer), at `scale` of the input size."""
-
-    def __init__(self, scale=1):
-        self.scale, self.calls = scale, 0
-
-    def __call__(self, image):
-        self.calls += 1
-        out = 1 + image[:, 1]  # (1, H, W)
-        if self.scale != 1:
-            out = F.interpolate(out[None], scale_factor=self.scale, mode='bilinear', align_corners=False)[0]
-        return out
-
-
-def _expected_png(image_path):
-    green = np.asarray(_read(image_path).convert('RGB'))[..., 1].astype(np.float64) / 255
-    inverse = 1 + green
-    normalised = (inverse - inverse.min()) / (inverse.max() - inverse.min())
-    return np.round((1 - normalised) * 65535)
-
-
-def test_make_depth_writes_16bit_pngs_and_skips_done(tmp_path):
-    src, dst = tmp_path / 'photos', tmp_path / 'depth'
-    a = _write_pair(src / 'cls_a', 'one', size=(40, 30))
-    b = _write_pair(src / 'cls_b' / 'deeper', 'two', size=(24, 24), ext='.png')
-    c = _write_pair(src / 'cls_b', 'n02_5', size=(30, 20), ext='.JPEG')
-    for f in src.rglob('*_depth.png'):
-        f.unlink()  # only photos in src
-    estimator = _StandIn()
-    result = data.make_depth(src, dst, estimator, progress=False)
-    assert result == dict(written=3, skipped=0, failed=[]) and estimator.calls == 3
-    for image in (a, b, c):
-        out = dst / image.relative_to(src).parent / f"{image.stem}_depth.png"
-        png = _read(out)
-        assert png.mode == 'I;16' and png.size == _read(image).size
-        values = np.asarray(png).astype(np.float64)
-        assert np.abs(values - _expected_png(image)).max() <= 1
-        assert values.min() == 0 and values.max() == 65535  # per-image min-max, 0 = nearest
-        green = np.asarray(_read(image).convert('RGB'))[..., 1]
-        assert values.flat[green.argmax()] == 0  # the greenest (nearest) pixel is 0
-    assert not [p for p in dst.rglob('*') if '.tmp' in p.name]  # no temporary files left
-
-    again = data.make_depth(src, dst, estimator, progress=False)
-    assert again == dict(written=0, skipped=3, failed=[]) and estimator.calls == 3
-    (dst / 'cls_a' / 'one_depth.png').unlink()
-    assert data.make_depth(src, dst, estimator, progress=False)['written'] == 1
-
-    ds = ImageNetDepth(src, image_size=16, depth_root=dst, flip=False)
-    assert len(ds) == 3 and all(4 <= ds[i]['depth'].min() and ds[i]['depth'].max() < 6 for i in range(3))
-
-
-def test_make_depth_in_place_resized_output_and_bad_photos(tmp_path):
-    cols, rows = np.meshgrid(np.linspace(0, 255, 40), np.linspace(0, 120, 28))
-    smooth = Image.fromarray(np.stack([rows, cols + rows * 0, 255 - cols], -1).astype(np.uint8))
-    image = _write_pair(tmp_path / 'cls', 'p', size=(40, 28), image=smooth, ext='.png')
-    (tmp_path / 'cls' / 'p_depth.png').unlink()
-    (tmp_path / 'cls' / 'broken.jpg').write_bytes(b'garbage')
-    result = data.make_depth(tmp_path, tmp_path, _StandIn(scale=0.5), progress=False)
-    assert result['written'] == 1 and len(result['failed']) == 1 and 'broken.jpg' in result['failed'][0]
-    png = np.asarray(_read(tmp_path / 'cls' / 'p_depth.png'))
-    assert png.shape == (28, 40) and png.dtype == np.uint16
-    assert np.abs(png - _expected_png(image)).mean() < 0.02 * 65535  # half-resolution estimate, upsampled
-    (tmp_path / 'none').mkdir()
-    _raises(['no images', str(tmp_path / 'none')], data.make_depth, tmp_path / 'none', tmp_path / 'out', _StandIn())
-
+# the 16-bit depth format
 
 def test_encode_depth_edge_cases():
     assert (data.encode_depth(torch.full((4, 4), 3.0)) == 65535).all()  # no relief: one plane at the back
     assert data.encode_depth(torch.tensor([[0.0, 1.0]])).tolist() == [[65535, 0]]
+    assert data.encode_depth(torch.tensor([[0.0, 1.0]])).dtype == np.uint16
     _raises(['NaN'], data.encode_depth, torch.tensor([[0.0, float('nan')]]))
+    # an estimate at another size is resized (bicubic) to the photo's first
+    small = torch.linspace(0, 1, 12).view(3, 4)
+    big = data.encode_depth(small, size=(6, 8))
+    assert big.shape == (6, 8) and big.min() == 0 and big.max() == 65535
+    assert (np.diff(big.astype(np.int64), axis=1) <= 0).all()  # nearer to the right, as in the estimate
+    assert np.array_equal(data.encode_depth(small, size=(3, 4)), data.encode_depth(small))
 
 
-def test_load_midas_failures_are_one_line(monkeypatch):
-    _raises(['unknown depth model', 'DPT_Large'], data.load_midas, 'DPT_Huge')
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
-    monkeypatch.setattr(torch.hub, 'load', offline)
-    _raises(['DPT_Hybrid', 'intel-isl/MiDaS', torch.hub.get_dir(), 'checkpoints', '--repo'],
-            data.load_midas, 'DPT_Hybrid')
-
-
-HUBCONF = """
-dependencies = ['torch']
-import torch
-
-class _Net(torch.nn.Module):  # answers with the channel mean of what it was given, at its size
-    def forward(self, x):
-        return x.mean(1)
-
-def DPT_Large(pretrained=True, **kwargs):
-    return _Net()
-
-def MiDaS_small(pretrained=True, **kwargs):
-    return _Net()
-"""
+def test_16bit_encoding_round_trips_through_png(tmp_path):
+    inverse = torch.rand(30, 40, generator=torch.Generator().manual_seed(0)) + 0.5
+    depth16 = data.encode_depth(inverse)
+    path = tmp_path / 'sub' / 'x_depth.png'
+    data.save_depth_png(path, depth16)  # missing folders are made, no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ['x_depth.png'] and _read(path).mode == 'I;16'
+    values = data.load_depth_png(path)
+    assert values.dtype == np.float32 and np.array_equal(values, depth16.astype(np.float32))  # exact
+    normalised = ((inverse - inverse.min()) / (inverse.max() - inverse.min())).double().numpy()
+    assert np.abs(values / 65535 - (1 - normalised)).max() <= 0.5 / 65535 + 1e-12  # only rounding is lost
+    assert values.flat[inverse.argmax()] == 0 and values.flat[inverse.argmin()] == 65535  # 0 = nearest
+    with pytest.raises(AssertionError):
+        data.save_depth_png(path, depth16.astype(np.uint8))  # a programmer error, not a user's
 
 
-def test_load_midas_from_a_local_hub_repo_prepares_input_like_midas(tmp_path):
-    (tmp_path / 'hubconf.py').write_text(HUBCONF)
-    image = torch.full((1, 3, 200, 300), 0.75)
-    dpt = data.load_midas('DPT_Large', 'cpu', repo=str(tmp_path))(image)
-    assert dpt.shape == (1, 256, 384)  # scale closest to 1 (384 / 300), sides multiples of 32
-    assert torch.allclose(dpt, torch.tensor(0.5))  # (0.75 - 0.5) / 0.5
-    small = data.load_midas('MiDaS_small', 'cpu', repo=str(tmp_path))(image)
-    assert small.shape == (1, 160, 256)  # fits inside 256 x 256, multiples of 32
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    assert torch.allclose(small, ((0.75 - mean) / std).mean(), atol=1e-5)
+def test_walk_images_and_depth_relpath(tmp_path):
+    _write_pair(tmp_path / 'b', 'two', ext='.JPEG')
+    _write_pair(tmp_path / 'a' / 'deep', 'one', ext='.png')
+    (tmp_path / '.hidden').mkdir()
+    Image.new('RGB', (4, 4)).save(tmp_path / '.hidden' / 'x.jpg')
+    (tmp_path / 'notes.txt').write_text('x')
+    images, depths = data.walk_images(tmp_path)
+    assert images == ['a/deep/one.png', 'b/two.JPEG']
+    assert depths == {'a/deep/one_depth.png', 'b/two_depth.png'}
+    assert [data.depth_relpath(rel) for rel in images] == ['a/deep/one_depth.png', 'b/two_depth.png']
+    assert data.depth_relpath('x.jpg') == 'x_depth.png'
+    _raises(['image folder', 'does not exist'], data.walk_images, tmp_path / 'nope')
 
 
-def test_cli_make_depth_and_check(tmp_path, monkeypatch, capsys):
+# -----------------------------------------------------------------------------
+# python data.py check
+
+def test_cli_check(tmp_path, capsys):
     _write_pair(tmp_path / 'photos' / 'cls', 'x', size=(20, 20))
-    (tmp_path / 'photos' / 'cls' / 'x_depth.png').unlink()
-    monkeypatch.setattr(data, 'load_midas', lambda model, device, repo: _StandIn())
-    assert data.main(['make_depth', str(tmp_path / 'photos'), str(tmp_path / 'out'), '--device', 'cpu']) == 0
-    assert (tmp_path / 'out' / 'cls' / 'x_depth.png').exists()
-    assert data.main(['check', str(tmp_path / 'photos'), '--depth_root', str(tmp_path / 'out')]) == 0
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'out' / 'cls' / 'x_depth.png')
-    assert data.main(['check', str(tmp_path / 'photos'), '--depth_root', str(tmp_path / 'out')]) == 1
+    assert data.main(['check', str(tmp_path / 'photos')]) == 0
+    assert '1 pairs in 1 classes, 0 bad' in capsys.readouterr().out
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(tmp_path / 'photos' / 'cls' / 'x_depth.png')
+    assert data.main(['check', str(tmp_path / 'photos')]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith('data.py: error:') and 'x_depth.png' in err and '8-bit' in err
 
 
 def test_cli_errors_are_one_line_with_exit_status_1(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(HERE), os.environ.get('PYTHONPATH', '')] if p))
-    for args, needle in [([], 'required'), (['make_depth', str(tmp_path / 'nope'), str(tmp_path)], str(tmp_path / 'nope'))]:
+    for args, needle in [([], 'required'), (['check', str(tmp_path / 'nope')], str(tmp_path / 'nope')),
+                         (['make_depth', 'a', 'b'], 'prepare_depth.py SRC DST')]:
         run = subprocess.run([sys.executable, str(HERE / 'data.py'), *args], capture_output=True, text=True,
                              env=env, cwd=tmp_path, timeout=120)
         assert run.returncode == 1, run.stderr
@@ -421,7 +355,14 @@ def test_cli_errors_are_one_line_with_exit_status_1(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# single inputs and pictures (used by sample.py and train.py)
+# single inputs (used by sample.py)
+
+class _StandIn:
+    """Inverse depth = 1 + green channel (brighter green = nearer): (B, 3, H, W) -> (B, H, W)."""
+
+    def __call__(self, images):
+        return 1 + images[:, 1]
+
 
 def test_list_match_and_load_rgbd(tmp_path):
     a = _write_pair(tmp_path / 'in', 'a', size=(40, 30))
@@ -441,51 +382,8 @@ def test_list_match_and_load_rgbd(tmp_path):
         item = ImageNetDepth(tmp_path / 'in', image_size=16, flip=False, skip_missing_depth=True)[0]
     assert torch.equal(image, item['image']) and torch.equal(depth, item['depth'])
     _raises(['no depth map', 'b.png'], data.load_rgbd, b, None, 16)
-    image, depth = data.load_rgbd(b, None, 16, estimator=_StandIn())  # estimated, as make_depth would store it
-    data.make_depth(tmp_path / 'in' / 'sub', tmp_path / 'made', _StandIn(), progress=False)
-    assert torch.equal(depth, data.load_rgbd(b, tmp_path / 'made' / 'b_depth.png', 16)[1])
-
-
-def test_colorize_and_save_pictures(tmp_path):
-    depth = torch.tensor([4.0, 4.5, 5.0, 5.99, 0.0]).view(1, 1, 1, 5)
-    rgb = data.colorize_depth(depth)
-    assert rgb.shape == (1, 3, 1, 5) and 0 <= rgb.min() and rgb.max() <= 1
-    brightness = rgb[0].sum(0)[0]
-    assert (brightness[:4].diff() < 0).all() and brightness[4] == 0  # near bright, far dark, empty black
-    data.save_grid(torch.rand(5, 3, 8, 6), tmp_path / 'g' / 'grid.png', nrow=2, padding=2)
-    assert _read(tmp_path / 'g' / 'grid.png').size == (2 * 8 + 2, 3 * 10 + 2)
-    data.save_gif(torch.rand(4, 3, 8, 6), tmp_path / 'orbit.gif')
-    with Image.open(tmp_path / 'orbit.gif') as gif:
-        assert gif.size == (6, 8) and gif.n_frames == 4
-
-
-# -----------------------------------------------------------------------------
-# the shared one-line errors and atomic writes (used by every script)
-
-def test_one_line():
-    assert data.one_line(ValueError('bad value\n  in   file x.png\n')) == 'bad value in file x.png'
-    assert data.one_line(KeyError()) == 'KeyError'  # no text: the class name
-    # what a DataLoader worker's error looks like in the main process: the original message is kept
-    wrapped = RuntimeError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                           "call last):\n  File \"data.py\", line 1, in x\n    raise DataError(...)\n"
-                           "data.DataError: cannot read image /d/a.jpg: truncated")
-    assert data.one_line(wrapped) == 'cannot read image /d/a.jpg: truncated'
-
-
-def test_atomic_write_replaces_whole_files_and_cleans_up(tmp_path):
-    path = tmp_path / 'sub' / 'ckpt.pt'
-    data.atomic_write(path, lambda f: f.write(b'first'))  # missing folders are made
-    assert path.read_bytes() == b'first'
-    seen = []
-
-    def write(f):
-        f.write(b'half')
-        seen.append(Path(f.name).name)
-        assert path.read_bytes() == b'first'  # the old file stays whole while the new one is written
-        raise KeyboardInterrupt  # killed mid-write
-    with pytest.raises(KeyboardInterrupt):
-        data.atomic_write(path, write)
-    assert seen == [f"ckpt.pt.tmp-{os.getpid()}"]  # the name train.py's start-up cleanup looks for
-    assert path.read_bytes() == b'first' and sorted(p.name for p in path.parent.iterdir()) == ['ckpt.pt']
-    data.atomic_write(str(path), lambda f: f.write(b'second'))
-    assert path.read_bytes() == b'second' and sorted(p.name for p in path.parent.iterdir()) == ['ckpt.pt']
+    # estimated: the map a stored file of the same estimate would give
+    image, depth = data.load_rgbd(b, None, 16, estimator=_StandIn())
+    data.save_depth_png(tmp_path / 'made.png', data.encode_depth(_StandIn()(data.rgb_tensor(data.load_rgb(b))[None])[0]))
+    assert torch.equal(depth, data.load_rgbd(b, tmp_path / 'made.png', 16)[1])
+    assert depth.shape == (1, 16, 16) and 4 <= depth.min() and depth.max() < 6

@@ -1,11 +1,10 @@
 """Tests of the f_rgbd diffusion core (issue 6): closed-form checks of the schedules, forward noising
 and the DDIM update; exact sampling with an oracle denoiser; eta = 0 determinism; the guidance-scale
 definitions; a tiny denoiser overfit to two synthetic scenes (class labels pick the scene); the
-unet.UNet denoiser and its checkpoint; NFS, sample quality and FID plumbing.
+unet.UNet denoiser. (Its checkpoints: test_checkpoint.py; the metrics of its samples: test_evaluate.py.)
 Run: python -m pytest -q test_diffusion.py"""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -71,19 +70,6 @@ class TinyDenoiser(nn.Module):
         return self.conv_out(h)
 
 
-def _two_scenes(size=16):
-    """Two RGB-D scenes of different classes in model space (2, 4, S, S): class 0 a red disc,
-    class 1 a blue square, both at depth 4.6 in front of a grey background at depth 5.8."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing='ij')
-    masks = [(xx ** 2 + yy ** 2 < 0.5).float(), ((xx.abs() < 0.55) & (yy.abs() < 0.55)).float()]
-    colours = [torch.tensor([0.9, 0.15, 0.1]), torch.tensor([0.1, 0.2, 0.9])]
-    images, depths = [], []
-    for m, c in zip(masks, colours):
-        images.append(m * c[:, None, None] + (1 - m) * 0.5)
-        depths.append((m * 4.6 + (1 - m) * 5.8)[None])
-    return D.rgbd_to_x(torch.stack(images), torch.stack(depths))
-
-
 def _rms(a, b):
     return float(((a - b) ** 2).mean().sqrt())
 
@@ -105,6 +91,16 @@ def test_rgbd_mapping_values_and_roundtrip():
     assert float(im3.max()) == 1.0 and float(d3.max()) == 6.0
     with pytest.raises(ValueError, match='x_to_rgbd'):
         D.x_to_rgbd(torch.zeros(1, 3, 2, 2))
+
+
+def test_rgbd_mapping_is_the_old_formula_bit_for_bit():
+    """(image - 0.5) / 0.5 and the depth map onto [-1, 1] give exactly the values 2 image - 1 gave, so
+    f_rgbd trains and samples as before the rewrite."""
+    torch.manual_seed(0)
+    image, depth = torch.rand(4, 3, 8, 8), 4 + 2 * torch.rand(4, 1, 8, 8)
+    x = D.rgbd_to_x(image, depth)
+    assert torch.equal(x[:, :3], 2 * image - 1)
+    assert torch.equal(x[:, 3:], 2 * ((depth - 4.0) / (6.0 - 4.0)) - 1)
 
 
 def test_schedules_closed_form():
@@ -328,115 +324,11 @@ def test_tiny_denoiser_overfits_and_class_labels_change_samples():
 
 
 # -----------------------------------------------------------------------------
-# metrics
-
-
-def test_non_flatness_score():
-    flat = torch.full((3, 1, 8, 8), 5.0)
-    assert D.non_flatness_score(flat) == pytest.approx(1.0)
-    two = torch.full((1, 1, 8, 8), 4.2)
-    two[..., 4:] = 5.7                                           # half / half -> exp(log 2) = 2
-    assert D.non_flatness_score(two) == pytest.approx(2.0)
-    spread = (4.0 + (torch.arange(64 * 4) // 4 + 0.5) / 32).view(1, 1, 16, 16)   # 4 values per bin
-    assert D.non_flatness_score(spread) == pytest.approx(64.0)
-    assert D.non_flatness_score(torch.cat([flat[:1], two])) == pytest.approx(1.5)   # mean over maps
-    assert D.non_flatness_score(torch.full((1, 8, 8), 9.0)) == pytest.approx(1.0)   # clamped, 3-D ok
-    with pytest.raises(ValueError, match='near=6.0, far=4.0'):
-        D.non_flatness_score(flat, near=6.0, far=4.0)
-
-
-def test_non_flatness_score_against_a_hand_computation():
-    """A 4 x 4 map whose 64-bin histogram over [4, 6) (bin width 1/32) is 8, 4, 2, 2 pixels: the bin
-    edge 4 + 1/32 belongs to bin 1, 6.5 is clamped into the last bin."""
-    depth = torch.tensor([5.0] * 8 + [4 + 1 / 32] * 4 + [6.5] * 2 + [4 + 1 / 64] * 2).view(1, 1, 4, 4)
-    p = [8 / 16, 4 / 16, 2 / 16, 2 / 16]
-    entropy = -sum(q * math.log(q) for q in p)                   # = 1.75 ln 2 nats
-    assert entropy == pytest.approx(1.75 * math.log(2))
-    assert D.non_flatness_score(depth) == pytest.approx(math.exp(entropy), rel=1e-12)   # 2^1.75 = 3.364
-    halves = torch.full((1, 1, 4, 4), 4.5)
-    halves[..., 2:] = 5.5                                        # two bins of 8: exp(ln 2) = 2
-    assert D.non_flatness_score(torch.cat([depth, halves])) == pytest.approx((2 ** 1.75 + 2) / 2, rel=1e-12)
-
-
-def test_sample_quality():
-    ref = _two_scenes(16)
-    q = D.sample_quality(ref, ref, torch.tensor([0, 1]), torch.tensor([0, 1]))
-    assert q['nn_dist'] == pytest.approx(0.0, abs=1e-6) and q['class_acc'] == 1.0
-    collapsed = ref[:1].expand(4, -1, -1, -1)                    # always class 0's scene
-    q = D.sample_quality(collapsed, ref, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1]))
-    assert q['nn_dist'] == pytest.approx(0.0, abs=1e-6) and q['ref_nn_dist'] > 0.1
-    assert q['class_acc'] == 0.5
-    noisy = D.sample_quality(ref + 0.3 * torch.randn_like(ref), ref)
-    assert noisy['nn_dist'] > 0.01 and 'class_acc' not in noisy
-    # leave-one-out yardstick on the held-out set itself: two copies of each scene -> distance 0
-    pair = torch.cat([ref, ref])
-    q = D.sample_quality(ref, pair, torch.tensor([0, 1]), torch.tensor([0, 1, 0, 1]))
-    assert q['ref_loo_nn_dist'] == pytest.approx(0.0, abs=1e-6) and q['ref_loo_class_acc'] == 1.0
-    q = D.sample_quality(ref, ref, torch.tensor([0, 1]), torch.tensor([0, 1]))
-    assert q['ref_loo_nn_dist'] == pytest.approx(_rms(ref[0], ref[1]), rel=1e-5)
-    assert q['ref_loo_class_acc'] == 0.0
-    with pytest.raises(ValueError, match='at least 2'):
-        D.sample_quality(ref, ref[:1])
-    assert D.quality_features(torch.zeros(2, 4, 64, 64)).shape == (2, 4 * 16 * 16)
-
-
-def test_fid_closed_forms():
-    rng = np.random.default_rng(0)
-    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
-    a, b = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
-    # diagonal covariances: FID = |mu1 - mu2|^2 + sum (sqrt(a) - sqrt(b))^2
-    expect = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert D.fid_from_features(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expect, rel=1e-9)
-    # non-commuting 2 x 2: tr sqrt(S1 S2) = sqrt(tr(S1 S2) + 2 sqrt(det S1 det S2))
-    s1, s2 = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[0.5, -0.3], [-0.3, 1.5]])
-    tr = math.sqrt(np.trace(s1 @ s2) + 2 * math.sqrt(np.linalg.det(s1) * np.linalg.det(s2)))
-    expect = np.trace(s1) + np.trace(s2) - 2 * tr
-    fid = D.fid_from_features(np.zeros(2), s1, np.zeros(2), torch.tensor(s2))     # tensors accepted too
-    assert fid == pytest.approx(expect, rel=1e-9)
-    # same statistics -> 0, even for a rank-deficient covariance
-    f = torch.randn(10, 20, dtype=torch.float64)
-    mu, sigma = D.feature_stats(f)
-    assert np.allclose(sigma, np.cov(f.numpy(), rowvar=False)) and np.allclose(mu, f.numpy().mean(0))
-    assert D.fid_from_features(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match=r'\(20,\) / \(3,\)'):
-        D.fid_from_features(mu, sigma, mu[:3], sigma[:3, :3])
-
-
-def test_fid_stats_file(tmp_path):
-    p = tmp_path / 'stats.npz'
-    np.savez(p, mu=np.zeros(3), sigma=np.eye(3))
-    mu, sigma = D.load_fid_stats(str(p))
-    assert mu.shape == (3,) and sigma.shape == (3, 3)
-    np.savez(tmp_path / 'bad.npz', mean=np.zeros(3))
-    with pytest.raises(ValueError, match='bad.npz'):
-        D.load_fid_stats(str(tmp_path / 'bad.npz'))
-    with pytest.raises(FileNotFoundError, match='missing.npz'):
-        D.load_fid_stats(str(tmp_path / 'missing.npz'))
-
-
-def test_inception_plumbing(tmp_path, monkeypatch):
-    """Random weights only (pretrained ones cannot be downloaded here): the loading code path, the
-    missing-weights error, and (B, 2048) features from images in [0, 1]."""
-    from torchvision.models.inception import Inception3
-    torch.manual_seed(0)
-    path = tmp_path / 'inception.pth'
-    torch.save(Inception3(num_classes=1000, aux_logits=True, init_weights=False).state_dict(), path)
-    net = D.InceptionFeatures(pretrained=True, weights_path=str(path), resize=75)
-    feats = net(torch.rand(2, 3, 16, 16))
-    assert feats.shape == (2, 2048) and bool(torch.isfinite(feats).all())
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_hub'))
-    with pytest.raises(FileNotFoundError, match='inception_v3_google'):
-        D.InceptionFeatures(pretrained=True)
-    with pytest.raises(FileNotFoundError, match='nope.pth'):
-        D.InceptionFeatures(pretrained=True, weights_path=str(tmp_path / 'nope.pth'))
-
-
-# -----------------------------------------------------------------------------
 # the f_rgbd denoiser built from unet.UNet
 
 
 def test_make_denoiser_is_a_conditional_4_channel_unet():
-    from model import UNet
+    from unet import UNet
     torch.manual_seed(0)
     net = D.make_denoiser(5, size='small', image_size=16)
     assert isinstance(net, UNet) and net.null_class == 5 and net.image_size == 16
@@ -456,20 +348,3 @@ def test_make_denoiser_is_a_conditional_4_channel_unet():
     assert s.shape == (2, 4, 16, 16) and float(s.abs().max()) <= 1.0 + 1e-6     # clipped x0 at t=0
     with pytest.raises(ValueError, match='huge'):
         D.make_denoiser(5, size='huge')
-
-
-def test_load_denoiser_roundtrip(tmp_path):
-    torch.manual_seed(0)
-    net = D.make_denoiser(3, size='small', image_size=8)
-    path = tmp_path / 'ckpt.pt'
-    torch.save(dict(stage='rgbd', model=net.state_dict(), step=1,
-                    denoiser_config=dict(num_classes=3, size='small', image_size=8)), path)
-    loaded = D.load_denoiser(str(path))
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 500.0]), torch.tensor([0, 3])
-    assert not loaded.training and loaded.image_size == 8
-    assert torch.equal(loaded(x, t, y), net.eval()(x, t, y))
-    torch.save(dict(model=net.state_dict(), model_config={}), tmp_path / 'trigen.pt')
-    with pytest.raises(ValueError, match='trigen.pt'):
-        D.load_denoiser(str(tmp_path / 'trigen.pt'))
-    with pytest.raises(FileNotFoundError, match='nothing.pt'):
-        D.load_denoiser(str(tmp_path / 'nothing.pt'))

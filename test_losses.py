@@ -18,10 +18,15 @@ import losses
 
 
 def _pair(shape, seed=0):
+    """Two random images in [0, 1], the range of every image input of losses.py."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.rand(shape, generator=g) * 2 - 1
-    b = torch.rand(shape, generator=g) * 2 - 1
-    return a, b
+    return torch.rand(shape, generator=g), torch.rand(shape, generator=g)
+
+
+def _released(x):
+    """An image in [0, 1] in the range the released code measured its losses on, [-1, 1]: what the
+    references below (and the lpips package) are given."""
+    return 2 * x - 1
 
 
 def _zero_positive_differentiable(loss_fn, a, b):
@@ -41,8 +46,10 @@ def test_recon_and_depth_losses():
     a, b = _pair((2, 3, 8, 8))
     for kind in ('l1', 'l2'):
         _zero_positive_differentiable(lambda x, y: losses.recon_loss(x, y, kind), a, b)
-    assert losses.recon_loss(a, b, 'l1').item() == pytest.approx((a - b).abs().mean().item(), rel=1e-6)
-    assert losses.recon_loss(a, b, 'l2').item() == pytest.approx(((a - b) ** 2).mean().item(), rel=1e-6)
+    # the released values: the errors of the same images in [-1, 1]
+    a1, b1 = _released(a), _released(b)
+    assert losses.recon_loss(a, b, 'l1').item() == pytest.approx((a1 - b1).abs().mean().item(), rel=1e-6)
+    assert losses.recon_loss(a, b, 'l2').item() == pytest.approx(((a1 - b1) ** 2).mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="'l3'"):
         losses.recon_loss(a, b, 'l3')
 
@@ -50,6 +57,34 @@ def test_recon_and_depth_losses():
     d, e = d + 5, e + 5  # scene units
     _zero_positive_differentiable(losses.depth_loss, d, e)
     assert losses.depth_loss(d, e).item() == pytest.approx((d - e).abs().mean().item(), rel=1e-6)
+
+
+def _old_and_new(loss01, loss_released, seed=0, shape=(2, 3, 32, 32)):
+    """(value, gradient) of a loss on a render as 6e0eacb computed it, on [-1, 1] images (render.py's
+    rgb, the target x * 2 - 1), and as now, on the same render mapped to [0, 1] against the [0, 1] target;
+    the gradients are with respect to render.py's rgb, which is what trains."""
+    g = torch.Generator().manual_seed(seed)
+    rgb = (torch.rand(shape, generator=g) * 2 - 1).requires_grad_(True)  # render.py's range
+    target01 = torch.rand(shape, generator=g)
+    out = []
+    for loss in (loss_released(rgb, _released(target01)), loss01((rgb + 1) / 2, target01)):
+        (grad,) = torch.autograd.grad(loss, rgb)
+        out.append((loss.detach(), grad))
+    return out
+
+
+def _assert_equivalent(old, new, tol=1e-6, grad_tol=1e-6):
+    """Same value and gradient to float32 rounding (relative; a deep backbone's gradient gathers more)."""
+    (v_old, g_old), (v_new, g_new) = old, new
+    assert abs(v_new - v_old).item() <= tol * abs(v_old).item(), (v_new, v_old)
+    assert ((g_new - g_old).norm() / g_old.norm()).item() <= grad_tol
+
+
+def test_recon_loss_on_0_1_is_the_released_loss_on_minus_1_1():
+    _assert_equivalent(*_old_and_new(lambda a, b: losses.recon_loss(a, b, 'l1'),
+                                     lambda a, b: (a - b).abs().mean()))
+    _assert_equivalent(*_old_and_new(lambda a, b: losses.recon_loss(a, b, 'l2'),
+                                     lambda a, b: (a - b).pow(2).mean()))
 
 
 def test_pairwise_losses_reject_shape_mismatch():
@@ -97,11 +132,11 @@ def vgg():
 
 
 def _lpips_reference(backbone, pred, target, lin_weights, levels):
-    """LPIPS written out independently: scaling layer, sqrt-norm channel normalisation, 1x1 'lin' conv
-    on the squared difference, spatial mean, sum over levels."""
+    """LPIPS written out independently, on images in [0, 1] taken to LPIPS' [-1, 1]: scaling layer,
+    sqrt-norm channel normalisation, 1x1 'lin' conv on the squared difference, spatial mean, sum over levels."""
     shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
     scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
-    x, y = (pred - shift) / scale, (target - shift) / scale
+    x, y = (_released(pred) - shift) / scale, (_released(target) - shift) / scale
     total = 0
     for l, part in enumerate(backbone):
         x, y = part(x), part(y)
@@ -231,6 +266,25 @@ def test_vgg_calibration_file(vgg, tmp_path):
         losses.VGGPerceptual(pretrained=False, channel_weights=str(tmp_path / 'junk.pth'))
 
 
+def test_vgg_on_0_1_is_the_released_lpips_form_on_minus_1_1(vgg):
+    """LPIPS' scaling layer folded into one for [0, 1] inputs gives 6e0eacb's loss (its layer on
+    [-1, 1] images), values and gradients, at every level selection the recipe uses."""
+    old = losses.VGGPerceptual(pretrained=False, channel_weights='uniform')
+    old.shift.copy_(torch.tensor(losses.LPIPS_SHIFT).view(1, 3, 1, 1))  # the layer as LPIPS writes it
+    old.scale.copy_(torch.tensor(losses.LPIPS_SCALE).view(1, 3, 1, 1))
+    for levels in ((0, 1, 2, 3, 4), (3, 4)):
+        _assert_equivalent(*_old_and_new(lambda a, b: vgg(a, b, levels=levels),
+                                         lambda a, b: old(a, b, levels=levels), seed=len(levels)), grad_tol=1e-5)
+
+
+def test_clip_on_0_1_is_the_released_loss_on_minus_1_1(tiny_clip):
+    def released(a, b):  # 6e0eacb's embed: [-1, 1] -> [0, 1] first
+        with torch.no_grad():
+            e_b = tiny_clip.embed((b + 1) / 2)
+        return (tiny_clip.embed((a + 1) / 2) - e_b).abs().mean()
+    _assert_equivalent(*_old_and_new(tiny_clip, released, shape=(2, 3, 48, 48)))
+
+
 def test_vgg_default_equals_lpips_package(vgg):
     """The default (LPIPS' learned channel weights, read from the installed lpips package) gives the value of
     lpips.LPIPS(net='vgg') on the same (random) backbone weights."""
@@ -242,7 +296,7 @@ def test_vgg_default_equals_lpips_package(vgg):
     assert default.backbone is vgg.backbone
     a, b = _pair((3, 3, 32, 32), seed=8)
     with torch.no_grad():
-        expected = ref(a, b).flatten()  # (B,), inputs in [-1, 1]
+        expected = ref(_released(a), _released(b)).flatten()  # (B,): lpips takes images in [-1, 1]
         got = default(a, b, reduction='none')
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7), (got, expected)
         # uniform weights are about ten times stronger: what the default corrects
@@ -272,9 +326,9 @@ def test_vgg_and_clip_run_float32_under_autocast(vgg, tiny_clip):
 def test_vgg_gradient_finite_at_all_zero_features(vgg):
     # an input equal to the LPIPS shift is zero after scaling, so with the zero biases of the random
     # init every feature vector is exactly zero (norm 0): the loss and its gradient must stay finite
-    p = torch.tensor(losses.LPIPS_SHIFT).view(1, 3, 1, 1).expand(1, 3, 32, 32).clone().requires_grad_(True)
+    p = torch.tensor(losses.SHIFT_01).view(1, 3, 1, 1).expand(1, 3, 32, 32).clone().requires_grad_(True)
     assert all((f == 0).all() for f in _features(vgg, p.detach()))
-    t = torch.rand(1, 3, 32, 32) * 2 - 1
+    t = torch.rand(1, 3, 32, 32)
     loss = vgg(p, t)
     loss.backward()
     # unit vectors against zero vectors: every level contributes exactly 1
@@ -283,7 +337,7 @@ def test_vgg_gradient_finite_at_all_zero_features(vgg):
 
 
 def _features(vgg, x):
-    x = (x - torch.tensor(losses.LPIPS_SHIFT).view(1, 3, 1, 1)) / torch.tensor(losses.LPIPS_SCALE).view(1, 3, 1, 1)
+    x = (x - torch.tensor(losses.SHIFT_01).view(1, 3, 1, 1)) / torch.tensor(losses.SCALE_01).view(1, 3, 1, 1)
     out = []
     for part in vgg.backbone:
         x = part(x)
@@ -370,16 +424,15 @@ def test_clip_preprocessing(tiny_clip):
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
-    def embed(x):  # [-1, 1] -> [0, 1] -> bilinear to 32 -> CLIP normalisation -> encode_image
-        x = F.interpolate((x + 1) / 2, size=(32, 32), mode='bilinear', align_corners=False)
+    def embed(x):  # [0, 1] -> bilinear to 32 -> CLIP normalisation -> encode_image
+        x = F.interpolate(x, size=(32, 32), mode='bilinear', align_corners=False)
         return tiny_clip.model.encode_image((x - mean) / std)
 
     with torch.no_grad():
         ref = (embed(a) - embed(b)).abs().mean()
         assert tiny_clip(a, b).item() == pytest.approx(ref.item(), rel=1e-5)
         # a wrong input range gives a different value (the mapping matters)
-        wrong = (tiny_clip.model.encode_image(((F.interpolate(a, size=(32, 32), mode='bilinear') - mean) / std))
-                 - embed(b)).abs().mean()
+        wrong = (embed(_released(a)) - embed(b)).abs().mean()
         assert tiny_clip(a, b).item() != pytest.approx(wrong.item(), rel=1e-3)
     with pytest.raises(ValueError, match=r'\(2, 4, 48, 48\)'):
         tiny_clip(torch.zeros(2, 4, 48, 48), torch.zeros(2, 4, 48, 48))
@@ -449,3 +502,32 @@ def test_cache_only_loading_fails_at_once_without_trying_the_network(tmp_path, m
     with pytest.raises(losses.WeightsUnavailable, match="ViT-B-16"):
         losses.CLIPEmbeddingLoss('ViT-B-16', pretrained='openai', download=False)
     assert attempts == []  # cache only: not even one connection was tried
+
+
+# -----------------------------------------------------------------------------
+# load_perceptual: the backbones a caller names
+
+def test_load_perceptual_loads_exactly_the_names_given(vgg, tiny_clip, monkeypatch):
+    monkeypatch.setitem(losses._BACKBONES, ('vgg16_lpips', True), vgg.backbone)  # as if cached: no download
+    monkeypatch.setitem(losses._BACKBONES, ('open_clip', TINY_CLIP, 'tiny-tag'), tiny_clip.model)
+    assert losses.load_perceptual([], 'cpu') == {}
+    got = losses.load_perceptual(['vgg'], 'cpu', lpips_weights='uniform')
+    assert list(got) == ['vgg'] and got['vgg'].backbone is vgg.backbone
+    assert got['vgg'].channel_weight0.sum() == 64  # lpips_weights reached the module
+    got = losses.load_perceptual(['clip', 'vgg'], 'cpu', clip_model=TINY_CLIP, clip_pretrained='tiny-tag')
+    assert list(got) == ['clip', 'vgg'] and got['clip'].model is tiny_clip.model
+    assert got['vgg'].channel_weight0.sum() != 64  # the default: LPIPS' learned weights
+    with pytest.raises(ValueError, match=r"\['lpips'\].*'vgg', 'clip'"):
+        losses.load_perceptual(['lpips'], 'cpu')
+
+
+def test_load_perceptual_raises_when_weights_are_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf'))
+    attempts = _block_network(monkeypatch)
+    monkeypatch.setattr(losses, '_BACKBONES', {})
+    for name, facts in (('vgg', ('vgg16-397923af.pth', 'w_vgg=0')), ('clip', ("'ViT-B-16'", 'w_clip=0'))):
+        with pytest.raises(losses.WeightsUnavailable) as info:
+            losses.load_perceptual([name], 'cpu', download=False)
+        assert '\n' not in str(info.value) and all(f in str(info.value) for f in facts), str(info.value)
+    assert attempts == [] and losses._BACKBONES == {}  # cache only: no connection tried, nothing half-loaded

@@ -1,6 +1,6 @@
 """Tests of mesh.py: marching cubes on fields with known surfaces (closed, right radius, right place,
 outward faces), the automatic iso-level, vertex colours, PLY round trips, the fast triplane grid against
-its readable twin, the accuracy metrics against the synthetic scenes' true surfaces, and sample.py --mesh."""
+its readable twin, the rasteriser, and sample.py --mesh / --points (the accuracy metrics: test_evaluate.py)."""
 import math
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mesh
-from scenes import SyntheticScenes
+import checkpoint
 from model import G3DR, MODEL_PRESETS
 
 REPO = Path(__file__).resolve().parent
@@ -156,7 +156,7 @@ def test_reading_a_missing_or_broken_ply_names_the_file(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# rasteriser and accuracy
+# the rasteriser
 
 def test_rasterised_sphere_has_the_silhouette_and_depth_of_the_sphere():
     m = mesh.extract_mesh(sphere_field(0.5), 40, float(mesh.sigma_from_raw(torch.tensor(1.0))), progress=False)
@@ -175,32 +175,6 @@ def test_rasterised_sphere_has_the_silhouette_and_depth_of_the_sphere():
     assert (depth[inner] - along_ray[inner] * cos[inner]).abs().max() < 0.01  # depth along the viewing axis
 
 
-def _depth_map_mesh(scenes, index, S, shift=0.0):
-    """The canonical ground-truth depth map as a mesh (two triangles per pixel quad, none across jumps)."""
-    from render import get_rays, orbit_camera
-    _, depth = scenes.render_view(index, math.pi / 2, math.pi / 2, S)
-    rays_o, rays_d = get_rays(orbit_camera(math.pi / 2, math.pi / 2), 18.0, S)
-    vertices = (rays_o[0] + depth.view(-1, 1) * rays_d[0]).numpy() + np.array([shift, 0, 0], np.float32)
-    d = depth.view(S, S).numpy()
-    ids = np.arange(S * S).reshape(S, S)
-    quads = [ids[:-1, :-1], ids[:-1, 1:], ids[1:, 1:], ids[1:, :-1]]
-    faces = np.concatenate([np.stack([quads[0], quads[1], quads[2]], -1).reshape(-1, 3),
-                            np.stack([quads[0], quads[2], quads[3]], -1).reshape(-1, 3)])
-    flat = d.reshape(-1)
-    span = flat[faces].max(1) - flat[faces].min(1)
-    return vertices, faces[(span < 0.05) & (flat[faces].min(1) > 0)]
-
-
-def test_accuracy_of_the_true_surface_is_near_zero_and_of_a_shifted_one_is_not():
-    scenes = SyntheticScenes(2, image_size=32, seed=1338)
-    vertices, faces = _depth_map_mesh(scenes, 1, 96)
-    completeness, precision = mesh.mesh_accuracy(vertices, faces, scenes, 1, resolution=96)
-    assert completeness < 0.01 and precision < 0.01
-    vertices, faces = _depth_map_mesh(scenes, 1, 96, shift=0.1)
-    completeness, precision = mesh.mesh_accuracy(vertices, faces, scenes, 1, resolution=96)
-    assert 0.04 < completeness < 0.11 and 0.04 < precision < 0.11
-
-
 # -----------------------------------------------------------------------------
 # sample.py --mesh / --points
 
@@ -217,7 +191,7 @@ def dense_ckpt(tmp_path_factory):
     with torch.no_grad():
         model.decoder.net[2].bias[0] = 3.0
     path = tmp_path_factory.mktemp('ckpt') / 'ckpt.pt'
-    torch.save(dict(model_config=model.config, model=model.state_dict(), config=dict(seed=7), step=0), path)
+    torch.save(checkpoint.training_state('trigen', model, model.config, step=0, config=dict(seed=7)), path)
     return path
 
 

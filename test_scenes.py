@@ -8,7 +8,17 @@ import torch
 
 from render import get_rays, orbit_camera
 from scenes import SHAPES, SyntheticScenes, raycast
-from test_data import _raises  # DataError with a one-line message naming every part
+
+
+def _raises(match, fn, *args, **kwargs):
+    """fn raises ValueError whose one-line message contains every string in `match`."""
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert '\n' not in message, message
+    for part in match:
+        assert str(part) in message, (part, message)
+    return message
 
 
 # -----------------------------------------------------------------------------
@@ -126,6 +136,8 @@ def test_synthetic_items():
     with pytest.raises(IndexError):
         ds[64]
     _raises(['num_scenes', '0'], SyntheticScenes, 0)
+    _raises(['image_size', '1'], SyntheticScenes, 4, 1)
+    _raises(['seed', '-1'], SyntheticScenes, 4, 8, -1)
 
 
 def test_synthetic_is_deterministic_per_seed_and_index():

@@ -1,43 +1,34 @@
 """
-Train G3DR.
+Train G3DR's f_trigen and f_dec: one RGB-D image in, a triplane radiance field out, from single views only.
 
     python train.py                                     # small run on built-in synthetic scenes (CPU, minutes)
     python train.py --dataset imagenet --data_dir PATH  # the released ImageNet recipe (RECIPES), one GPU
-    torchrun --standalone --nproc_per_node=6 train.py --dataset imagenet --data_dir PATH   # ... on six
-    python train.py --stage rgbd                        # the class-conditional RGB-D diffusion model f_rgbd
+    torchrun --standalone --nproc_per_node=8 train.py --dataset imagenet --data_dir PATH   # ... on eight
 
 Every key of `config` below can be overridden as `--key value` or `--key=value`;
-`python train.py [--dataset imagenet] [--stage rgbd] --help` lists them with the values that apply.
+`python train.py [--dataset imagenet] --help` lists them with the values that apply. The class-conditional
+RGB-D diffusion model f_rgbd trains from its own script, train_rgbd.py.
 """
-import contextlib
-import json
 import math
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import diffusion
-from configurator import ConfigError, parse_overrides
-from data import one_line, resolve_device
+import resume
+from configurator import ConfigError, one_line, parse_overrides, resolve_device
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
-from model import load_checkpoint
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
-from resume import (make_loader, plain_state, prepare_out_dir, rng_states, save_checkpoint, set_rng_state,
-                    setup_distributed)
 
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line. The values below are the synthetic recipe (a
 # small G3DR that trains on a laptop CPU in minutes); `--dataset imagenet` puts the released recipe
-# (RECIPES['imagenet']) on top, `--stage rgbd` the diffusion stage's (RGBD_RECIPES), and command-line keys win
-# over both. `python train.py [--dataset imagenet] [--stage rgbd] --help` shows the values that apply.
+# (RECIPES['imagenet']) on top, and command-line keys win over both.
 config = dict(
-    # what to train
-    stage='trigen',          # 'trigen': f_trigen + f_dec (RGB-D -> 3D); 'rgbd': the f_rgbd diffusion model
+    # data
     dataset='synthetic',     # 'synthetic' (built in, known 3D) or 'imagenet' (folders of photos + depth)
     data_dir='',             # imagenet: root of class folders with NAME.jpg + NAME_depth.png
     depth_dir='',            # imagenet: optional separate depth root mirroring data_dir
@@ -56,8 +47,9 @@ config = dict(
     levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
     # optimisation (Adam + one-cycle)
     max_steps=1200,
-    global_batch=4,          # images per optimiser step over all processes: batch_size x processes x accumulation
-    batch_size=4,            # per process and micro-step
+    global_batch=4,          # images per optimiser step over all processes: processes x batch_size x accumulation
+    batch_size=4,            # the largest micro-batch per process; left out, a smaller one may be chosen so that
+                             # global_batch splits over the processes (resume.split_batch)
     lr=1e-3,
     beta1=0.9,               # fixed unless cycle_beta1
     beta2=0.99,
@@ -82,14 +74,15 @@ config = dict(
     rescale_cmin=0.3,
     rescale_cmax=1.0,
     gradient_rescaling=True,  # the paper's gradient rescaling (Sec. 3.2) on canonical steps
-    # losses (losses.py); image terms compare images in [-1, 1]
+    # losses (losses.py). The perceptual terms (VGG16, CLIP) are off in the synthetic recipe, so that it trains
+    # the same way on every machine; a nonzero weight loads its pretrained backbone or stops with one line.
     recon='l1',              # 'l1' as released, 'l2' as the paper's text
     w_rgb=1.0,
     w_depth=2.0,
-    w_vgg=1.0,               # canonical views, all five VGG levels, second half of training
-    w_clip=0.175,            # canonical views, second half of training
-    w_clip_novel=0.35,
-    w_vgg_novel=2.0,         # novel views, deepest two VGG levels only
+    w_vgg=0.0,               # canonical views, all five VGG levels, second half of training (released 1)
+    w_clip=0.0,              # canonical views, second half of training (released 0.175)
+    w_clip_novel=0.0,        # (released 0.35)
+    w_vgg_novel=0.0,         # novel views, deepest two VGG levels only (released 2)
     w_tv_novel=0.1,
     w_opacity=1.0,           # rises linearly from 0 over the first opacity_ramp of training
     novel_opacity=False,     # the opacity term on novel steps too (released: True)
@@ -106,9 +99,6 @@ config = dict(
     yaw_div_end=6.0,
     yaw_curriculum=1 / 3,    # ... over this fraction of training
     pitch_div=18.0,          # pitch = pi/2 + U(-1, 1) pi / pitch_div
-    # f_rgbd diffusion stage (--stage rgbd)
-    rgbd_size='small',       # denoiser size preset for f_rgbd ('small' or 'paper')
-    p_uncond=0.1,            # class dropout for classifier-free guidance
     # logging
     log_every=10,
     sample_every=250,        # write a PNG grid every N steps
@@ -124,51 +114,35 @@ config = dict(
 RECIPES = {
     'synthetic': {},
     # The released recipe: 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
-    # clipping, beta1 cycling with the one-cycle lr, fp32, LPIPS with its learned channel weights. On fewer
-    # GPUs, gradient accumulation makes up the 48.
+    # clipping, beta1 cycling with the one-cycle lr, fp32, VGG (LPIPS with its learned channel weights) and
+    # CLIP. On other GPU counts the micro-batch and gradient accumulation make up the 48 (resume.split_batch).
     'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
                      batch_size=8, lr=5e-5, cycle_beta1=True, grad_clip=0.0, render_size=128, n_coarse=32,
                      n_fine=32, rescale_cmin=0.05, lpips_weights='lpips', sample_every=2000, save_every=2000,
-                     num_workers=8, num_scenes=0, rgbd_size='paper', canonical_rays='grid',
-                     novel_opacity=True, warmup_frac=0.02, p_novel_max=0.4),
+                     num_workers=8, num_scenes=0, canonical_rays='grid', novel_opacity=True, warmup_frac=0.02,
+                     p_novel_max=0.4, w_vgg=1.0, w_clip=0.175, w_clip_novel=0.35, w_vgg_novel=2.0),
 }
 
-# `--stage rgbd` (the f_rgbd diffusion model) puts these on top of the dataset's recipe. On the CPU it learns
-# at 32 x 32, where a pixel-space denoiser gets 4x the steps of 64 x 64 for the same time; sample.py resizes its
-# samples to f_trigen's input size. (The paper's f_rgbd is a latent model; see diffusion.py.) It writes to
-# out-rgbd, where sample.py looks for it, so that it does not collide with f_trigen's run in out.
-RGBD_RECIPES = {
-    'imagenet': dict(lr=1e-4, sample_every=5000, save_every=5000, out_dir='out-rgbd'),
-    'synthetic': dict(image_size=32, max_steps=2400, global_batch=16, batch_size=16, lr=1e-3, sample_every=400,
-                      save_every=400, out_dir='out-rgbd'),
-}
-
-DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_trigen / the f_rgbd denoiser
+DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_trigen
 
 
 def _resolve(argv, base=None):
-    """config, then the dataset's recipe, then the stage's, then the command line. With base (a resumed run's
-    saved config, recipes already applied) only the command line goes on top."""
+    """config, then the dataset's recipe, then the command line. With base (a resumed run's saved config,
+    its recipe already applied) only the command line goes on top."""
     overrides = parse_overrides(argv, config if base is None else base)
     if base is not None:
         return dict(base, **overrides)
     dataset = overrides.get('dataset', config['dataset'])
-    stage = overrides.get('stage', config['stage'])
     if dataset not in RECIPES:
         raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    if stage not in ('trigen', 'rgbd'):
-        raise ConfigError(f"--stage must be 'trigen' or 'rgbd', got {stage!r}")
-    cfg = dict(config, **RECIPES[dataset])
-    if stage == 'rgbd':
-        cfg.update(RGBD_RECIPES[dataset])
-    cfg.update(overrides)
-    return cfg
+    return dict(config, **RECIPES[dataset], **overrides)
 
 
 def parse_config(argv, base=None):
-    """Apply the recipes and the `--key value` / `--key=value` overrides; return a new dict."""
+    """Apply the recipe and the `--key value` / `--key=value` overrides; return a new dict."""
     cfg = _resolve(argv, base)
-    for key, allowed in (('nonfinite', ('skip', 'stop')), ('recon', ('l1', 'l2'))):
+    for key, allowed in (('nonfinite', ('skip', 'stop')), ('recon', ('l1', 'l2')),
+                         ('canonical_rays', ('grid', 'random'))):
         if cfg[key] not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
     if cfg['dtype'] == 'float16':
@@ -185,20 +159,18 @@ def parse_config(argv, base=None):
     return cfg
 
 
-def accumulation_steps(cfg, world_size):
-    """Micro-steps per optimiser step, so that every step sees global_batch images whatever the GPU count."""
-    per_micro_step = cfg['batch_size'] * world_size
-    if cfg['global_batch'] % per_micro_step:
-        raise ConfigError(f"--global_batch {cfg['global_batch']} is not a multiple of --batch_size {cfg['batch_size']} "
-                          f"x {world_size} process(es); change --batch_size or --global_batch")
-    return cfg['global_batch'] // per_micro_step
+def batch_split(cfg, argv, world_size):
+    """(micro-batch, accumulation) of this run: --batch_size as given, or chosen (resume.split_batch)."""
+    explicit = any(a == '--batch_size' or a.startswith('--batch_size=') or a == '--batch-size' or
+                   a.startswith('--batch-size=') for a in argv)
+    return resume.split_batch(cfg['global_batch'], world_size, cfg['batch_size'], explicit=explicit)
 
 
 def print_help(argv):
-    """The docstring, then every key with the value it takes for this command line's dataset and stage."""
+    """The docstring, then every key with the value it takes for this command line's dataset."""
     print(__doc__)
     cfg = _resolve([a for a in argv if a not in ('-h', '--help')])
-    print(f"values for --dataset {cfg['dataset']} --stage {cfg['stage']} ('*': differs from the synthetic recipe)")
+    print(f"values for --dataset {cfg['dataset']} ('*': differs from the synthetic recipe)")
     for key, value in cfg.items():
         print(f"--{key:20s} {value!r:>16s} {'*' if value != config[key] else ''}")
 
@@ -223,25 +195,28 @@ def term_weights(step, novel, cfg):
     """The loss terms of a canonical or novel step and their weights. Canonical: rgb, depth,
     VGG (all levels) and CLIP, the last two only after `perceptual_start`; novel: CLIP, VGG (deepest two
     levels) and TV(depth); both: the opacity term, its weight rising linearly over the first `opacity_ramp`.
-    A perceptual term of weight 0 is not computed."""
+    A perceptual term of weight 0 is left out (not computed)."""
     ramp = min(1.0, step / max(1.0, cfg['opacity_ramp'] * cfg['max_steps']))
     if novel:
         w = dict(clip=cfg['w_clip_novel'], vgg=cfg['w_vgg_novel'], tv=cfg['w_tv_novel'])
-        return dict(w, opacity=cfg['w_opacity'] * ramp) if cfg['novel_opacity'] else w
-    late = step >= cfg['perceptual_start'] * cfg['max_steps']
-    return dict(rgb=cfg['w_rgb'], depth=cfg['w_depth'], vgg=cfg['w_vgg'] if late else 0.0,
-                clip=cfg['w_clip'] if late else 0.0, opacity=cfg['w_opacity'] * ramp)
+        if cfg['novel_opacity']:
+            w['opacity'] = cfg['w_opacity'] * ramp
+    else:
+        late = step >= cfg['perceptual_start'] * cfg['max_steps']
+        w = dict(rgb=cfg['w_rgb'], depth=cfg['w_depth'], vgg=cfg['w_vgg'] if late else 0.0,
+                 clip=cfg['w_clip'] if late else 0.0, opacity=cfg['w_opacity'] * ramp)
+    return {k: v for k, v in w.items() if v or k not in ('vgg', 'clip')}
 
 
-def draw_view(step, chunk, batch_size, cfg):
+def draw_view(step, micro_index, batch_size, cfg):
     """The canonical/novel coin and the novel poses of one micro-batch. As released, each process draws its
-    own, so one step mixes both kinds. chunk = micro_step * world_size + rank numbers the step's micro-batches
-    in the order of their images (StepBatchSampler), so one GPU accumulating 6 micro-batches draws what 6 GPUs
-    draw; the draw depends only on (seed, step, chunk), so a resumed run continues exactly.
-    Returns (novel, yaw (B,), pitch (B,), the generator, for the micro-batch's other random draws)."""
-    # torch's CPU generator keeps 32 bits of a seed; chunk k adds k x 0x9E3779B9 (a Weyl sequence), which keeps
-    # every (step, chunk) distinct for runs under 20M steps of up to 100 micro-batches
-    gen = torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + step + chunk * 0x9E3779B9) % 2 ** 32)
+    own, so one step mixes both kinds. micro_index = micro_step * world_size + rank numbers the step's
+    micro-batches in the order of their images (resume.StepBatchSampler), so one GPU accumulating 6
+    micro-batches draws what 6 GPUs draw; the draw depends only on (seed, step, micro_index), so a resumed run
+    continues exactly. Returns (novel, yaw (B,), pitch (B,), the generator, for the micro-batch's other draws)."""
+    # torch's CPU generator keeps 32 bits of a seed; micro-batch k adds k x 0x9E3779B9 (a Weyl sequence), which
+    # keeps every (step, k) distinct for runs under 20M steps of up to 100 micro-batches
+    gen = torch.Generator().manual_seed((cfg['seed'] * 1_000_003 + step + micro_index * 0x9E3779B9) % 2 ** 32)
     novel = bool(torch.rand((), generator=gen) < p_novel(step, cfg))
     if novel:
         yaw, pitch = novel_camera(step, batch_size, cfg, gen)
@@ -250,90 +225,74 @@ def draw_view(step, chunk, batch_size, cfg):
     return novel, yaw, pitch, gen
 
 
-def make_dataset(cfg):
-    import data
-    import scenes
-    if cfg['dataset'] == 'synthetic':
-        return scenes.SyntheticScenes(cfg['num_scenes'], image_size=cfg['image_size'], seed=cfg['seed'])
-    return data.ImageNetDepth(cfg['data_dir'], image_size=cfg['image_size'], depth_root=cfg['depth_dir'] or None,
-                              flip=True, skip_missing_depth=cfg['skip_missing_depth'])
-
-
 # -----------------------------------------------------------------------------
-# f_trigen stage: one canonical or novel training step
+# one micro-batch: a canonical or a novel step (Sec. 3.2 - 3.4)
 
-class _EncodeRender(torch.nn.Module):
-    """encode + render as one forward(), so DistributedDataParallel sees (and syncs) the whole step.
-    Under bf16 autocast only f_trigen runs in bf16: the field (f_dec) and the compositing stay float32."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, rgbd, rays_o, rays_d, render_opts):
-        planes = self.model.encode(rgbd)                        # (B, 3, C, H, W)
-        with torch.autocast(device_type=planes.device.type, enabled=False):
-            return self.model.render(planes.float(), rays_o, rays_d, **render_opts)
+def _to_image(x, side):
+    """(B, side*side, K) ray values -> (B, K, side, side) image; ray index = row * side + col."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
 
 
-def _to_image(x, size):
-    """(B, R*R, K) ray values -> (B, K, R, R) image; ray index = row * R + col."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], size, size)
-
-
-def _at_render_size(x, size):
+def _at_render_size(x, side):
     """Targets at the render resolution. Rays pass through a corner-inclusive grid (render.get_rays),
     so bilinear resampling with align_corners=True reads the pixels exactly where the rays go."""
-    if x.shape[-1] == size:
+    if x.shape[-1] == side:
         return x
-    return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=True)
+    return F.interpolate(x, size=(side, side), mode='bilinear', align_corners=True)
 
 
 def _random_canonical_rays(image, depth, n_rays, generator):
     """n_rays random pixels per item of the full-resolution canonical view, instead of the whole view
     at render_size: the same work per step, but every pixel (and so all of the image's detail) can be
-    learned. image (B, 3, S, S), depth (B, 1, S, S) -> rays_o, rays_d (B, n, 3) and the pixels' rgb
-    (B, n, 3) and depth (B, n, 1)."""
+    learned. image (B, 3, S, S), depth (B, 1, S, S) -> rays_o, rays_d (B, R, 3) and the pixels' rgb
+    (B, R, 3) and depth (B, R, 1), R = n_rays."""
     B, S = image.shape[0], image.shape[-1]
-    idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, n)
+    idx = torch.rand(B, S * S, generator=generator).argsort(dim=1)[:, :n_rays].to(image.device)  # (B, R)
     yaw, pitch = torch.full((B,), CANONICAL_YAW), torch.full((B,), CANONICAL_PITCH)
     rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(image.device), FOV_DEGREES, S)   # (B, S*S, 3)
 
-    def take(x):  # (B, S*S, K) -> (B, n, K), ray index = row * S + col
+    def take(x):  # (B, S*S, K) -> (B, R, K), ray index = row * S + col
         return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
     return take(rays_o), take(rays_d), take(image.flatten(2).transpose(1, 2)), take(depth.flatten(2).transpose(1, 2))
 
 
-def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
-    """One micro-batch of step `step` (chunk: see draw_view). Returns (total loss, dict of weighted terms,
-    dict(novel=..., weights={term: weight applied})) ."""
-    image = batch['image'].to(device, non_blocking=True) * 2 - 1      # (B, 3, S, S) in [-1, 1]
+def _training_rays(image, depth, novel, yaw, pitch, gen, cfg, per_ray):
+    """The rays of one micro-batch and the targets they see: per_ray (random canonical pixels) gives
+    (B, R, K) targets, else the whole view at render_size, images (B, K, side, side)."""
+    side = cfg['render_size']
+    if per_ray:
+        return _random_canonical_rays(image, depth, side * side, gen)
+    rays_o, rays_d = get_rays(orbit_camera(yaw.to(image.device), pitch.to(image.device)), FOV_DEGREES, side)
+    return rays_o, rays_d, _at_render_size(image, side), _at_render_size(depth, side)
+
+
+def trigen_losses(model, batch, step, micro_index, cfg, perceptual, device, autocast):
+    """One micro-batch of step `step` (micro_index: see draw_view). model: the G3DR or its DDP wrapper;
+    perceptual: {'vgg': ..., 'clip': ...} backbones of the terms that have a weight; autocast: a callable
+    giving the context f_trigen runs in. Returns (total loss, {term: weighted value},
+    dict(novel=..., weights={term: weight applied}))."""
+    image = batch['image'].to(device, non_blocking=True)              # (B, 3, S, S) in [0, 1]
     depth = batch['depth'].to(device, non_blocking=True)              # (B, 1, S, S) scene units
-    B, R = image.shape[0], cfg['render_size']
-    novel, yaw, pitch, gen = draw_view(step, chunk, B, cfg)
+    novel, yaw, pitch, gen = draw_view(step, micro_index, image.shape[0], cfg)
     w = term_weights(step, novel, cfg)
-    # a perceptual term is computed when it has a weight and its backbone was loaded (see load_perceptual)
-    w = {k: v for k, v in w.items() if k not in ('vgg', 'clip') or (v and perceptual.get(k) is not None)}
-    if not novel and cfg['canonical_rays'] == 'random' and 'vgg' not in w and 'clip' not in w:
-        rays_o, rays_d, image_r, depth_r = _random_canonical_rays(image, depth, R * R, gen)  # (B, R*R, K) each
-        as_image = lambda x: x                                        # per-ray losses need no image
-    else:
-        rays_o, rays_d = get_rays(orbit_camera(yaw.to(device), pitch.to(device)), FOV_DEGREES, R)  # (B, R*R, 3)
-        image_r, depth_r = _at_render_size(image, R), _at_render_size(depth, R)
-        as_image = lambda x: _to_image(x, R)                          # (B, R*R, K) -> (B, K, R, R)
+    # canonical steps with per-pixel terms only can use random full-resolution pixels; VGG/CLIP need an image
+    per_ray = not novel and cfg['canonical_rays'] == 'random' and 'vgg' not in w and 'clip' not in w
+    rays_o, rays_d, image_r, depth_r = _training_rays(image, depth, novel, yaw, pitch, gen, cfg, per_ray)
     opts = dict(n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'], perturb=True)
     if not novel:
-        # Sec. 3.2: gradient rescaling + depth-guided fine samples around the ground-truth depth (each
+        # Sec. 3.2: gradient rescaling (Eq. 3) + depth-guided fine samples around the ground-truth depth (each
         # can be switched off on its own: gradient_rescaling=False, depth_guided_prob=0)
-        surface = depth_r if depth_r.dim() == 3 else depth_r.flatten(2).transpose(1, 2)  # (B, R*R, 1)
+        surface = depth_r if per_ray else depth_r.flatten(2).transpose(1, 2)  # (B, R, 1)
         opts.update(surface_depth=surface, depth_guided_prob=cfg['depth_guided_prob'],
-                    grad_rescale=cfg['gradient_rescaling'], s1=cfg['rescale_s1'], s2=cfg['rescale_s2'], c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
+                    grad_rescale=cfg['gradient_rescaling'], s1=cfg['rescale_s1'], s2=cfg['rescale_s2'],
+                    c_min=cfg['rescale_cmin'], c_max=cfg['rescale_cmax'])
     with autocast():
-        out = net(torch.cat([image, depth], 1), rays_o, rays_d, opts)
-    rgb = as_image(out['rgb'].float())                                # (B, 3, R, R) or (B, R*R, 3), in [-1, 1]
-    pred_depth = as_image(out['depth'].float())                       # (B, 1, R, R) or (B, R*R, 1)
+        out = model(image, depth, rays_o, rays_d, **opts)
+    as_image = (lambda x: x) if per_ray else (lambda x: _to_image(x, cfg['render_size']))
+    rgb = as_image(out['rgb'].float())                                # (B, 3, side, side) or (B, R, 3), in [0, 1]
+    pred_depth = as_image(out['depth'].float())                       # (B, 1, side, side) or (B, R, 1)
     terms = {}
-    if not novel:
+    if not novel:  # Sec. 3.4, canonical view: the pixels and depth are known
         terms['rgb'] = w['rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
         terms['depth'] = w['depth'] * depth_loss(pred_depth, depth_r)
         if 'vgg' in w:
@@ -353,228 +312,162 @@ def trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast):
 
 
 # -----------------------------------------------------------------------------
-# pictures people look at
+# what a run is made of
 
 @torch.no_grad()
 def trigen_grid(model, batch, cfg, device, path):
     """Rows: scenes. Columns: input, canonical render, its depth, then two novel views and their depth."""
-    import data
+    from outputs import colorize_depth, save_grid
     image = batch['image'][:4].to(device)                                # (4, 3, S, S) in [0, 1]
     depth = batch['depth'][:4].to(device)
-    S = cfg['image_size']
-    planes = model.encode(torch.cat([image * 2 - 1, depth], 1))
+    planes = model.encode(image, depth)
     columns = [image]
     for yaw in (CANONICAL_YAW, CANONICAL_YAW - math.pi / 6, CANONICAL_YAW + math.pi / 6):
-        rgb, d = model.render_view(planes, yaw, CANONICAL_PITCH, S, n_coarse=cfg['n_coarse'], n_fine=cfg['n_fine'])
-        columns += [rgb, data.colorize_depth(d)]
-    data.save_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns))
+        rgb, d = model.render_view(planes, yaw, CANONICAL_PITCH, cfg['image_size'], n_coarse=cfg['n_coarse'],
+                                   n_fine=cfg['n_fine'])
+        columns += [rgb, colorize_depth(d)]
+    save_grid(torch.stack(columns, 1).flatten(0, 1), path, nrow=len(columns))
 
 
-# -----------------------------------------------------------------------------
+def make_dataset(cfg, num_scenes=None, seed=None):
+    """The training set (synthetic scenes, or ImageNet-with-depth folders)."""
+    import scenes
+    if cfg['dataset'] == 'synthetic':
+        return scenes.SyntheticScenes(num_scenes or cfg['num_scenes'], image_size=cfg['image_size'],
+                                      seed=cfg['seed'] if seed is None else seed)
+    import data
+    return data.ImageNetDepth(cfg['data_dir'], image_size=cfg['image_size'], depth_root=cfg['depth_dir'] or None,
+                              flip=True, skip_missing_depth=cfg['skip_missing_depth'])
 
-def _device(cfg):
-    """The device asked for (data.resolve_device), except that 'auto' without a GPU is the CPU for synthetic
-    runs only: an ImageNet run on the CPU (about 85 s a step at paper size) has to be asked for with --device cpu."""
-    if cfg['device'] == 'auto' and cfg['dataset'] == 'imagenet' and not torch.cuda.is_available():
-        raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
-                          "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
-    try:
-        return resolve_device(cfg['device'])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+
+def shown_batch(cfg, dataset):
+    """A fixed batch for the picture grids: held-out scenes on synthetic data, the first images otherwise."""
+    shown = make_dataset(cfg, num_scenes=4, seed=cfg['seed'] + 1) if cfg['dataset'] == 'synthetic' else dataset
+    return torch.utils.data.default_collate([shown[i] for i in range(min(4, len(shown)))])
 
 
 def build_model(cfg):
-    """The trained model and the module whose forward() makes one training step's prediction."""
-    if cfg['stage'] == 'rgbd':
-        num_classes = make_dataset(cfg).num_classes
-        model = diffusion.make_denoiser(num_classes, size=cfg['rgbd_size'], image_size=cfg['image_size'])
-        return model, model
+    """A new G3DR of the recipe's size, or the one in --init_from (ours, or the authors' with init_official)."""
+    import checkpoint
     from model import G3DR, MODEL_PRESETS
     if cfg['init_from']:
-        load = G3DR.from_official if cfg['init_official'] else G3DR.from_checkpoint
-        model = load(cfg['init_from'], trust=cfg['trust_checkpoint'])
-    else:
-        model = G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
-                          levels=cfg['levels']))
-    return model, _EncodeRender(model)
+        return checkpoint.load_g3dr(cfg['init_from'], official=cfg['init_official'], trust=cfg['trust_checkpoint'])[0]
+    return G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
+                     levels=cfg['levels']))
 
+
+def perceptual_backbones(cfg, device):
+    """The frozen VGG16 / CLIP of the terms that have a weight. Weights that cannot be had stop the run
+    (WeightsUnavailable, one line): a recipe never changes because of what a cache happens to hold."""
+    wanted = [name for name, keys in (('vgg', ('w_vgg', 'w_vgg_novel')), ('clip', ('w_clip', 'w_clip_novel')))
+              if any(cfg[k] for k in keys)]
+    return load_perceptual(wanted, device, lpips_weights=cfg['lpips_weights'], clip_model=cfg['clip_model'],
+                           clip_pretrained=cfg['clip_pretrained'])
+
+
+def device_of(cfg):
+    """The device asked for, except that 'auto' without a GPU is the CPU for synthetic runs only: an
+    ImageNet run on the CPU (about 85 s a step at paper size) has to be asked for with --device cpu."""
+    if cfg['device'] == 'auto' and cfg['dataset'] == 'imagenet' and not torch.cuda.is_available():
+        raise ConfigError("--dataset imagenet: no CUDA GPU found (torch.cuda.is_available() is False); "
+                          "pass --device cpu to train on the CPU anyway (about 85 s a step at paper size)")
+    return resolve_device(cfg['device'])
+
+
+def config_and_checkpoint(argv):
+    """This command line's config and, with --resume, the checkpoint it continues: the run's own config with
+    this command line's overrides on top (trust is never inherited; a key the saved run did not have takes
+    its recipe's value, a key this version no longer has is dropped)."""
+    cfg = parse_config(argv)
+    ckpt = resume.run_checkpoint(cfg['resume'], cfg['out_dir'], 'trigen', cfg['trust_checkpoint'])
+    if ckpt is None:
+        return cfg, None
+    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
+    cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset']]), **saved))
+    if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
+        raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in "
+                          f"{cfg['out_dir']} ({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
+    return cfg, ckpt
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print_help(argv)
         return None
-    cfg = parse_config(argv)
-    out_dir = cfg['out_dir']
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    ckpt = None
-    if cfg['resume']:
-        if not os.path.exists(ckpt_path):
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = load_checkpoint(ckpt_path, trust=cfg['trust_checkpoint'])
-        # the run's own config, with this command line's overrides on top (trust is never inherited; a run
-        # saved before a key existed gets that key from its recipe)
-        saved = {k: v for k, v in ckpt['config'].items() if k != 'trust_checkpoint'}
-        cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset'], '--stage', saved['stage']]),
-                                           **saved))
-        if ckpt.get('stage', 'trigen') != cfg['stage']:
-            raise ConfigError(f"{ckpt_path} is a --stage {ckpt.get('stage')} checkpoint, not --stage {cfg['stage']}")
-        if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
-            raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in {out_dir} "
-                              f"({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
-    elif os.path.exists(ckpt_path):
-        raise ConfigError(f"{ckpt_path} already exists: pass --resume to continue that run, or pick another --out_dir")
-
-    rank, world_size, device = setup_distributed(_device(cfg))
-    torch.manual_seed(cfg['seed'] + rank)
-    np.random.seed(cfg['seed'] + rank)
-    random.seed(cfg['seed'] + rank)
-    use_cuda = str(device).startswith('cuda')
-    accumulation = accumulation_steps(cfg, world_size)
-    # float32 (torch's defaults, as released) or the bf16 opt-in: autocast of f_trigen (or the f_rgbd denoiser)
-    # with TF32 matmuls; f_dec, the compositing and the loss backbones stay float32 (_EncodeRender, losses.py)
-    amp_dtype = DTYPES[cfg['dtype']]
-    if amp_dtype is not None:
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-        def autocast():
-            return torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype)
-    else:
-        autocast = contextlib.nullcontext
+    cfg, ckpt = config_and_checkpoint(argv)
+    rank, world_size, device = resume.setup_distributed(device_of(cfg))
+    resume.seed_all(cfg['seed'] + rank)
+    batch_size, accumulation = batch_split(cfg, argv, world_size)
+    # float32 (as released), or the bf16 opt-in: autocast of f_trigen with TF32 matmuls; f_dec, the compositing
+    # and the loss backbones stay float32 (G3DR.forward, losses.py)
+    autocast = resume.autocast_for(device, DTYPES[cfg['dtype']])
 
     dataset = make_dataset(cfg)
-    model, net = build_model(cfg)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']),
-                                 weight_decay=cfg['weight_decay'])
-    # One-cycle: warm up from lr/25 over 2% of the steps, then cosine-anneal. With cycle_beta1 (released), Adam's
-    # beta1 moves the other way, 0.95 -> 0.85 at the peak lr -> 0.95 (torch's defaults, which the release keeps).
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg['lr'], total_steps=cfg['max_steps'],
-                                                    pct_start=cfg['warmup_frac'], div_factor=cfg['div_factor'],
-                                                    cycle_momentum=cfg['cycle_beta1'], base_momentum=0.85,
-                                                    max_momentum=0.95)
-    start_step = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        start_step = ckpt['step']
-        set_rng_state(ckpt.get('rng'), rank, start_step, cfg['seed'], device)
+    model = build_model(cfg).to(device)
+    optimizer, scheduler = resume.make_optimizer(model, cfg['lr'], (cfg['beta1'], cfg['beta2']), cfg['weight_decay'],
+                                                 cfg['max_steps'], cfg['warmup_frac'], cfg['div_factor'],
+                                                 cfg['cycle_beta1'])
+    start_step = resume.restore(ckpt, model, optimizer, scheduler, rank, cfg['seed'], device)
     if cfg['compile']:
-        if cfg['stage'] == 'trigen':
-            model.encode = torch.compile(model.encode)
-        else:
-            net = torch.compile(net)
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if use_cuda else None)
-
-    if cfg['stage'] == 'trigen':
-        perceptual = load_perceptual(cfg, device, rank)
-
-        def step_fn(batch, step, chunk):
-            return trigen_losses(net, batch, step, chunk, cfg, perceptual, device, autocast)
-    else:
-        def step_fn(batch, step, chunk):
-            return diffusion.rgbd_losses(net, batch, step, cfg, device, autocast)
-
+        model.encode = torch.compile(model.encode)
+    # DDP wraps the G3DR itself: its forward() is encode + render, the whole step's prediction
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None) \
+        if world_size > 1 else model
+    perceptual = perceptual_backbones(cfg, device)
+    ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if rank == 0:
-        prepare_out_dir(out_dir, start_step)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"stage {cfg['stage']} | {cfg['dataset']} ({len(dataset)} items) | {n_params / 1e6:.2f}M parameters | "
-              f"{world_size} x {device} | steps {start_step}->{cfg['max_steps']} of {cfg['global_batch']} images "
-              f"({cfg['batch_size']} x {world_size} x {accumulation} accumulated) | out {out_dir}", flush=True)
-    # a fixed batch for the picture grids: held-out scenes on synthetic data, the first images otherwise
-    if cfg['dataset'] == 'synthetic':
-        import scenes
-        shown = scenes.SyntheticScenes(4, image_size=cfg['image_size'], seed=cfg['seed'] + 1)
-    else:
-        shown = dataset
-    shown_batch = torch.utils.data.default_collate([shown[i] for i in range(min(4, len(shown)))])
-
-    def save(step):
-        """Called by every process: each contributes its own RNG state; rank 0 writes. Everything in the
-        file is tensors and plain Python values, so torch.load(..., weights_only=True) reads it."""
-        rng = rng_states(device, world_size)
-        if rank != 0:
-            return
-        state = dict(stage=cfg['stage'], model=model.state_dict(), optimizer=optimizer.state_dict(),
-                     scheduler=plain_state(scheduler.state_dict()), step=step, config=cfg, rng=rng)
-        if cfg['stage'] == 'trigen':
-            state['model_config'] = model.config
-        else:
-            state['denoiser_config'] = dict(num_classes=dataset.num_classes, size=cfg['rgbd_size'],
-                                            image_size=cfg['image_size'])
-        save_checkpoint(ckpt_path, state)
-
-    from tqdm import tqdm
+        resume.prepare_out_dir(cfg['out_dir'], start_step)
+        split = resume.describe(model, device, world_size, batch_size, accumulation, cfg['global_batch'])
+        print(f"f_trigen | {cfg['dataset']} ({len(dataset)} items) | {split} | steps {start_step}->{cfg['max_steps']} | out {cfg['out_dir']}", flush=True)
+    shown = shown_batch(cfg, dataset)
+    batches = iter(resume.make_loader(dataset, batch_size, cfg['num_workers'], cfg['seed'], rank, world_size,
+                                      start_step, accumulation, cfg['max_steps']))
     pbar = tqdm(total=cfg['max_steps'], initial=start_step, disable=rank != 0, dynamic_ncols=True, smoothing=0.1)
-    batches = iter(make_loader(dataset, cfg, rank, world_size, start_step, accumulation))
     bad_in_row, t_last = 0, time.time()
     for step in range(start_step, cfg['max_steps']):
+        # Gradient accumulation (as nanoGPT): `accumulation` micro-batches per process, each loss divided by
+        # their number, so the step's gradient is the mean over all global_batch images. A non-finite loss or
+        # gradient never reaches the weights: every process agrees to skip the step (or stop).
         net.train()
         optimizer.zero_grad(set_to_none=True)
-        # Gradient accumulation (as nanoGPT): `accumulation` micro-batches per process, each loss divided by
-        # their number, so the step's gradient is the mean over all global_batch images. DDP averages over the
-        # processes once, on the last micro-batch; the others run under no_sync.
-        # A non-finite loss or gradient never reaches the weights: every process agrees to skip (or stop).
         ok, views = True, []
         for micro in range(accumulation):
             batch = next(batches)  # consumed even when the step is being skipped, so the data stays in step
             if not ok:
                 continue
-            loss, terms, info = step_fn(batch, step, micro * world_size + rank)
-            finite = torch.isfinite(loss.detach()).float()
-            if world_size > 1:
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() != 1:
-                ok = False
-                continue
-            last = micro == accumulation - 1
-            with contextlib.nullcontext() if world_size == 1 or last else net.no_sync():
-                (loss / accumulation).backward()
-            views.append(dict(loss=loss.item(), **info, **{k: v.item() for k, v in terms.items()}))
-        if ok:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-            ok = bool(torch.isfinite(grad_norm))  # gradients are already synchronised here
-        if ok:
-            optimizer.step()
-            bad_in_row = 0
-        else:
-            bad_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            if cfg['nonfinite'] == 'stop' or bad_in_row >= 20:
-                raise FloatingPointError(f"non-finite loss or gradient at step {step} ({bad_in_row} in a row); "
-                                         f"the last good checkpoint is {ckpt_path}")
-            if rank == 0:
-                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
+            loss, terms, info = trigen_losses(net, batch, step, micro * world_size + rank, cfg, perceptual, device,
+                                              autocast)
+            ok = resume.all_finite(loss, world_size)
+            if ok:
+                resume.backward(net, loss, accumulation, micro == accumulation - 1, world_size)
+                views.append(dict(loss=loss.item(), **info, **{k: v.item() for k, v in terms.items()}))
+        ok = resume.apply_step(model, optimizer, cfg['grad_clip'], ok)
+        bad_in_row = resume.count_bad(ok, bad_in_row, cfg['nonfinite'], step, ckpt_path)
+        if not ok and rank == 0:
+            tqdm.write(f"step {step}: non-finite loss or gradient, step skipped")
         lr, beta1 = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['betas'][0]  # this step's
         scheduler.step()
         done = step + 1
         pbar.update(1)
         if rank == 0:
             mean_loss = sum(v['loss'] for v in views) / len(views) if views else float('nan')
-            postfix = {}
-            if cfg['stage'] == 'trigen':
-                postfix['novel'] = f"{sum(v['novel'] for v in views)}/{accumulation}"
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", **postfix, refresh=False)
+            pbar.set_postfix(loss=f"{mean_loss:.4f}", novel=f"{sum(v['novel'] for v in views)}/{accumulation}",
+                             refresh=False)
             if done % cfg['log_every'] == 0 or done == cfg['max_steps']:
+                # loss: this process's mean over its micro-batches; views: each micro-batch's weighted terms,
+                # whether it was novel and the weights its terms were applied with
                 now = time.time()
-                # loss: this process's mean over its micro-batches; views: each micro-batch's terms (weighted),
-                # and for f_trigen whether it was novel and the weights its terms were applied with
-                record = dict(step=done, loss=mean_loss, lr=lr, beta1=beta1,
-                              sec_per_step=(now - t_last) / cfg['log_every'], views=views)
+                resume.log_metrics(cfg['out_dir'], dict(step=done, loss=mean_loss, lr=lr, beta1=beta1,
+                                                        sec_per_step=(now - t_last) / cfg['log_every'], views=views))
                 t_last = now
-                with open(os.path.join(out_dir, 'metrics.jsonl'), 'a') as f:
-                    f.write(json.dumps(record) + '\n')
             if done % cfg['sample_every'] == 0 or done == cfg['max_steps']:
                 model.eval()
-                path = os.path.join(out_dir, f"samples_{done:07d}.png")
-                if cfg['stage'] == 'trigen':
-                    trigen_grid(model, shown_batch, cfg, device, path)
-                else:
-                    diffusion.rgbd_grid(model, dataset.num_classes, cfg, device, path)
+                trigen_grid(model, shown, cfg, device, os.path.join(cfg['out_dir'], f"samples_{done:07d}.png"))
         if done % cfg['save_every'] == 0 or done == cfg['max_steps']:
-            save(done)
+            resume.save_run(ckpt_path, 'trigen', model, model.config, optimizer, scheduler, done, cfg, device, rank,
+                            world_size)
     pbar.close()
     if world_size > 1:
         torch.distributed.barrier()
