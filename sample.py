@@ -56,6 +56,8 @@ def parse_args(argv):
                    'where the canonical view\'s transmittance falls to 1/2')
     p.add_argument('--points', action='store_true', help='write the canonical view as a coloured point cloud '
                    '(NAME_points.ply)')
+    p.add_argument('--sr_ckpt', default='', help='a 2x super-resolution checkpoint (train_sr.py): also write every '
+                   'picture and GIF at twice the render size, beside the native ones (NAME_*_sr2x.png/.gif)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto')
     return p.parse_args(argv)
@@ -87,23 +89,39 @@ def front_circle(frames):
 
 @torch.no_grad()
 def reconstruct(model, image, depth, name, out_dir, args):
-    """image (B, 3, S, S) in [0, 1], depth (B, 1, S, S): canonical PNG + orbit GIF per item."""
+    """image (B, 3, S, S) in [0, 1], depth (B, 1, S, S): canonical PNG + orbit GIF per item, and with
+    args.sr (--sr_ckpt) the same at 2x: the SR network's upsampled renders beside depth (pixels doubled)."""
     side = args.resolution or image.shape[-1]
+    sr = getattr(args, 'sr', None)  # the 2x network of --sr_ckpt, or None
     opts = dict(n_coarse=args.n_coarse, n_fine=args.n_fine)
     planes = model.encode(image, depth)
     rgb, d = model.render_view(planes, CANONICAL_YAW, CANONICAL_PITCH, side, **opts)
     cells = [F.interpolate(image, size=side, mode='bilinear', antialias=True, align_corners=False), rgb,
              colorize_depth(d)]
     save_grid(torch.stack(cells, 1).flatten(0, 1), os.path.join(out_dir, f"{name}_canonical.png"), nrow=3)
+    if sr is not None:
+        cells = [F.interpolate(image, size=2 * side, mode='bicubic', align_corners=False).clamp(0, 1),
+                 sr(rgb), _doubled(colorize_depth(d))]                      # (B, 3, 2S, 2S) each
+        save_grid(torch.stack(cells, 1).flatten(0, 1), os.path.join(out_dir, f"{name}_canonical_sr2x.png"), nrow=3)
     yaws, pitches = front_circle(args.frames)
-    frames = []
+    frames, frames_sr = [], []
     for yaw, pitch in tqdm(list(zip(yaws, pitches)), desc=f"orbit {name}", leave=False):
         rgb, d = model.render_view(planes, float(yaw), float(pitch), side, **opts)
         frames.append(torch.cat([rgb, colorize_depth(d)], -1))  # (B, 3, S, 2S)
-    frames = torch.stack(frames, 1)                              # (B, T, 3, S, 2S)
-    for b in range(frames.shape[0]):
-        suffix = f"_{b}" if frames.shape[0] > 1 else ''
-        save_gif(frames[b], os.path.join(out_dir, f"{name}{suffix}_orbit.gif"))
+        if sr is not None:
+            frames_sr.append(torch.cat([sr(rgb), _doubled(colorize_depth(d))], -1))  # (B, 3, 2S, 4S)
+    for suffix, clip in (('', frames), ('_sr2x', frames_sr)):
+        if not clip:
+            continue
+        clip = torch.stack(clip, 1)                              # (B, T, 3, S, 2S) or (B, T, 3, 2S, 4S)
+        for b in range(clip.shape[0]):
+            item = f"_{b}" if clip.shape[0] > 1 else ''
+            save_gif(clip[b], os.path.join(out_dir, f"{name}{item}_orbit{suffix}.gif"))
+
+
+def _doubled(images):
+    """(B, C, S, S) -> (B, C, 2S, 2S), every pixel repeated: depth is shown, not super-resolved."""
+    return F.interpolate(images, scale_factor=2, mode='nearest')
 
 
 def load_inputs(args, image_size):
@@ -180,6 +198,10 @@ def main(argv):
     args = parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
+    args.sr = None
+    if args.sr_ckpt:
+        from sr import load_sr
+        args.sr = load_sr(args.sr_ckpt, device=device, trust=args.trust_checkpoint)  # eval mode, [0, 1] -> [0, 1]
     if args.mesh or args.points:
         import mesh
         args.mesh_res, args.mesh_level = mesh.check_options(args.mesh_res, args.mesh_level)

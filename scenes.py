@@ -7,7 +7,7 @@ Procedural 3D scenes with exact ground truth, for training and measuring G3DR wi
 
 Why they exist: G3DR learns 3D from single views, and an ImageNet photo has no true 3D to compare a
 novel view with. Here every scene is known exactly, so a reconstruction can be scored from any camera
-(sample.py --eval), and training runs in minutes on a CPU.
+(evaluate.py), and training runs in minutes on a CPU.
 
 A scene is a few solids in the box [-1, 1]^3 (the scene box of render.py) in front of a back wall, seen by the
 canonical camera at (-5, 0, 0) looking along +x with a field of view of 18 degrees. The wall is a

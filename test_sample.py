@@ -76,6 +76,25 @@ def test_default_run_writes_canonical_png_and_orbit_gifs(small_ckpt):
         assert frames == 3 and (w, h) == (64, 32)  # RGB beside depth, at the model's image size
 
 
+def test_sr_checkpoint_adds_2x_pictures_and_orbits(small_ckpt, tmp_path):
+    """--sr_ckpt: beside the native pictures, the 2x canonical grid and orbit GIFs, made by the SR network."""
+    from sr import SR_PRESETS, SRNet
+    torch.manual_seed(0)
+    net = SRNet(**SR_PRESETS['cpu'])
+    sr_path = tmp_path / 'sr.pt'
+    checkpoint.save(sr_path, checkpoint.training_state('sr', net, SR_PRESETS['cpu']))
+    out = tmp_path / 'pictures'
+    r = run('sample.py', '--ckpt', small_ckpt, '--num_scenes', 2, '--sr_ckpt', sr_path, '--out_dir', out, *FAST)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with Image.open(out / 'scene_canonical.png') as native, Image.open(out / 'scene_canonical_sr2x.png') as big:
+        assert big.size[0] > 1.9 * native.size[0] and big.size[1] > 1.9 * native.size[1]
+    for b in range(2):
+        assert gif_frames(out / f'scene_{b}_orbit.gif') == (3, (64, 32))
+        assert gif_frames(out / f'scene_{b}_orbit_sr2x.gif') == (3, (128, 64))  # RGB 2x beside depth 2x
+    r = run('sample.py', '--ckpt', small_ckpt, '--sr_ckpt', small_ckpt, '--out_dir', out, *FAST)
+    assert_one_line_error(r, str(small_ckpt))  # an f_trigen checkpoint is not an SR one
+
+
 def test_official_checkpoint_on_real_photos(tmp_path):
     photos = tmp_path / 'photos'
     photos.mkdir()

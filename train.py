@@ -135,7 +135,7 @@ def _resolve(argv, base=None):
     dataset = overrides.get('dataset', config['dataset'])
     if dataset not in RECIPES:
         raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    return dict(config, **RECIPES[dataset], **overrides)
+    return {**config, **RECIPES[dataset], **overrides}
 
 
 def parse_config(argv, base=None):

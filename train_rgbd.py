@@ -78,7 +78,7 @@ def parse_config(argv, base=None):
     dataset = overrides.get('dataset', config['dataset'])
     if dataset not in RECIPES:
         raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    cfg = dict(config, **RECIPES[dataset], **overrides)
+    cfg = {**config, **RECIPES[dataset], **overrides}
     if cfg['dtype'] not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir']:
