@@ -204,8 +204,9 @@ class ImageNetDepth(torch.utils.data.Dataset):
     image) when it is loaded. `python data.py check ROOT` loads every pair once.
     """
 
-    def __init__(self, root, image_size=128, depth_root=None, flip=True, skip_missing_depth=False):
+    def __init__(self, root, image_size=128, depth_root=None, flip=True, skip_missing_depth=False, hr_size=None):
         self.root = _check_folder(root, 'image folder')
+        self.hr_size = hr_size  # also give `image_hr`, the same crop at hr_size (train.py --sr_ckpt)
         self.depth_root = _check_folder(depth_root, 'depth folder') if depth_root is not None else self.root
         if int(image_size) < 1:
             raise DataError(f"image_size must be positive, got {image_size}")
@@ -263,10 +264,13 @@ class ImageNetDepth(torch.utils.data.Dataset):
         rel, label = self.samples[index]
         image_path = self.root / rel
         image, depth = _load_pair(image_path, self.depth_root / depth_relpath(rel))
-        image, depth = crop_and_resize(image, depth, self.image_size)
-        if self.flip and torch.rand(()) < 0.5:
-            image, depth = image.flip(-1), depth.flip(-1)
-        return dict(image=image, depth=depth, label=label, path=str(image_path))
+        item = dict(label=label, path=str(image_path))
+        if self.hr_size:  # the same square, Lanczos-resized to hr_size as well (the depth is not needed there)
+            item['image_hr'] = crop_and_resize(image, depth, self.hr_size)[0]
+        item['image'], item['depth'] = crop_and_resize(image, depth, self.image_size)
+        if self.flip and torch.rand(()) < 0.5:  # one coin for all of them
+            item = {k: v.flip(-1) if torch.is_tensor(v) else v for k, v in item.items()}
+        return item
 
 
 # -----------------------------------------------------------------------------

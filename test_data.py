@@ -126,6 +126,23 @@ def test_flip_flips_image_and_depth_together(sample_tree):
     assert not torch.equal(plain['image'], plain['image'].flip(-1))
 
 
+def test_hr_size_gives_the_same_crop_at_twice_the_size_flipped_alike(sample_tree):
+    """hr_size (train.py --sr_ckpt): image_hr is the same square at hr_size, flipped with the image."""
+    plain = ImageNetDepth(sample_tree, image_size=32, flip=False, hr_size=64)[5]
+    big = ImageNetDepth(sample_tree, image_size=64, flip=False)[5]
+    assert torch.equal(plain['image_hr'], big['image']) and plain['image'].shape == (3, 32, 32)
+    assert 'image_hr' not in ImageNetDepth(sample_tree, image_size=32, flip=False)[5]
+    flipping = ImageNetDepth(sample_tree, image_size=32, flip=True, hr_size=64)
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(10):
+        item = flipping[5]
+        flipped = not torch.equal(item['image'], plain['image'])
+        assert torch.equal(item['image_hr'], plain['image_hr'].flip(-1) if flipped else plain['image_hr'])
+        kinds.add(flipped)
+    assert kinds == {True, False}
+
+
 def test_separate_depth_root(tmp_path, sample_tree):
     images, depths = tmp_path / 'images', tmp_path / 'depths'
     for file in sample_tree.rglob('*'):

@@ -22,6 +22,7 @@ import resume
 from configurator import ConfigError, one_line, parse_overrides, resolve_device
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
+from sr import load_sr
 
 # -----------------------------------------------------------------------------
 # config: one global dict, overridable from the command line. The values below are the synthetic recipe (a
@@ -88,6 +89,9 @@ config = dict(
     novel_opacity=False,     # the opacity term on novel steps too (released: True)
     opacity_ramp=0.5,
     perceptual_start=0.5,    # fraction of training after which w_vgg and w_clip switch on
+    # ImageNet: the VGG/CLIP terms compare SR(render) with the photo at twice the size (paper Sec. 3.5: SR "in
+    # training"; that only the perceptual terms see it, frozen, is our reading, see the README)
+    sr_ckpt='',              # a train_sr.py checkpoint (its 'imagenet' preset); '' = no SR in training
     clip_model='ViT-B-16',
     clip_pretrained='openai',  # an open_clip tag, or a local weights file (open_clip's own loading)
     # VGG channel weights: 'lpips' (LPIPS' learned ones, from the installed lpips package, as released),
@@ -152,6 +156,8 @@ def parse_config(argv, base=None):
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir']:
         raise ConfigError("--dataset imagenet needs --data_dir PATH (class folders of NAME.jpg + NAME_depth.png)")
+    if cfg['sr_ckpt'] and (cfg['dataset'] != 'imagenet' or cfg['canonical_rays'] != 'grid'):
+        raise ConfigError("--sr_ckpt (SR in training) needs --dataset imagenet with --canonical_rays grid")
     for key in ('max_steps', 'global_batch', 'batch_size', 'image_size', 'render_size', 'n_coarse', 'save_every',
                 'sample_every', 'log_every'):
         if cfg[key] <= 0:
@@ -266,10 +272,11 @@ def _training_rays(image, depth, novel, yaw, pitch, gen, cfg, per_ray):
     return rays_o, rays_d, _at_render_size(image, side), _at_render_size(depth, side)
 
 
-def trigen_losses(model, batch, step, micro_index, cfg, perceptual, device, autocast):
+def trigen_losses(model, batch, step, micro_index, cfg, perceptual, device, autocast, sr=None):
     """One micro-batch of step `step` (micro_index: see draw_view). model: the G3DR or its DDP wrapper;
     perceptual: {'vgg': ..., 'clip': ...} backbones of the terms that have a weight; autocast: a callable
-    giving the context f_trigen runs in. Returns (total loss, {term: weighted value},
+    giving the context f_trigen runs in; sr: the frozen 2x network the perceptual terms look through (--sr_ckpt),
+    or None. Returns (total loss, {term: weighted value},
     dict(novel=..., weights={term: weight applied}))."""
     image = batch['image'].to(device, non_blocking=True)              # (B, 3, S, S) in [0, 1]
     depth = batch['depth'].to(device, non_blocking=True)              # (B, 1, S, S) scene units
@@ -291,20 +298,23 @@ def trigen_losses(model, batch, step, micro_index, cfg, perceptual, device, auto
     as_image = (lambda x: x) if per_ray else (lambda x: _to_image(x, cfg['render_size']))
     rgb = as_image(out['rgb'].float())                                # (B, 3, side, side) or (B, R, 3), in [0, 1]
     pred_depth = as_image(out['depth'].float())                       # (B, 1, side, side) or (B, R, 1)
+    rgb_p, image_p = rgb, image_r                                     # what the perceptual terms compare
+    if sr is not None and ('vgg' in w or 'clip' in w):
+        rgb_p, image_p = sr(rgb), _at_render_size(batch['image_hr'].to(device), 2 * cfg['render_size'])
     terms = {}
     if not novel:  # Sec. 3.4, canonical view: the pixels and depth are known
         terms['rgb'] = w['rgb'] * recon_loss(rgb, image_r, kind=cfg['recon'])
         terms['depth'] = w['depth'] * depth_loss(pred_depth, depth_r)
         if 'vgg' in w:
-            terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(0, 1, 2, 3, 4))
+            terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb_p, image_p, levels=(0, 1, 2, 3, 4))
         if 'clip' in w:
-            terms['clip'] = w['clip'] * perceptual['clip'](rgb, image_r)
+            terms['clip'] = w['clip'] * perceptual['clip'](rgb_p, image_p)
     else:
         # Novel views get no pixels: CLIP and deep VGG features keep the input's semantics, TV keeps depth smooth.
         if 'clip' in w:
-            terms['clip'] = w['clip'] * perceptual['clip'](rgb, image_r)
+            terms['clip'] = w['clip'] * perceptual['clip'](rgb_p, image_p)
         if 'vgg' in w:
-            terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb, image_r, levels=(3, 4))
+            terms['vgg'] = w['vgg'] * perceptual['vgg'](rgb_p, image_p, levels=(3, 4))
         terms['tv'] = w['tv'] * tv_loss(pred_depth)
     if 'opacity' in w:
         terms['opacity'] = w['opacity'] * opacity_loss(out['opacity'].float())
@@ -337,7 +347,8 @@ def make_dataset(cfg, num_scenes=None, seed=None):
                                       seed=cfg['seed'] if seed is None else seed)
     import data
     return data.ImageNetDepth(cfg['data_dir'], image_size=cfg['image_size'], depth_root=cfg['depth_dir'] or None,
-                              flip=True, skip_missing_depth=cfg['skip_missing_depth'])
+                              flip=True, skip_missing_depth=cfg['skip_missing_depth'],
+                              hr_size=2 * cfg['image_size'] if cfg['sr_ckpt'] else None)
 
 
 def shown_batch(cfg, dataset):
@@ -356,13 +367,16 @@ def build_model(cfg):
                      levels=cfg['levels']))
 
 
-def perceptual_backbones(cfg, device):
-    """The frozen VGG16 / CLIP of the terms that have a weight. Weights that cannot be had stop the run
-    (WeightsUnavailable, one line): a recipe never changes because of what a cache happens to hold."""
+def frozen_networks(cfg, device):
+    """The frozen VGG16 / CLIP of the terms that have a weight, and the SR network of --sr_ckpt (or None).
+    Weights that cannot be had stop the run (WeightsUnavailable, one line): a recipe never changes because
+    of what a cache happens to hold."""
     wanted = [name for name, keys in (('vgg', ('w_vgg', 'w_vgg_novel')), ('clip', ('w_clip', 'w_clip_novel')))
               if any(cfg[k] for k in keys)]
-    return load_perceptual(wanted, device, lpips_weights=cfg['lpips_weights'], clip_model=cfg['clip_model'],
-                           clip_pretrained=cfg['clip_pretrained'])
+    perceptual = load_perceptual(wanted, device, lpips_weights=cfg['lpips_weights'], clip_model=cfg['clip_model'],
+                                 clip_pretrained=cfg['clip_pretrained'])
+    sr = load_sr(cfg['sr_ckpt'], device, trust=cfg['trust_checkpoint']).requires_grad_(False) if cfg['sr_ckpt'] else None
+    return perceptual, sr
 
 
 def device_of(cfg):
@@ -415,7 +429,7 @@ def main(argv):
     # DDP wraps the G3DR itself: its forward() is encode + render, the whole step's prediction
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith('cuda') else None) \
         if world_size > 1 else model
-    perceptual = perceptual_backbones(cfg, device)
+    perceptual, sr = frozen_networks(cfg, device)
     ckpt_path = os.path.join(cfg['out_dir'], 'ckpt.pt')
     if rank == 0:
         resume.prepare_out_dir(cfg['out_dir'], start_step)
@@ -438,7 +452,7 @@ def main(argv):
             if not ok:
                 continue
             loss, terms, info = trigen_losses(net, batch, step, micro * world_size + rank, cfg, perceptual, device,
-                                              autocast)
+                                              autocast, sr)
             ok = resume.all_finite(loss, world_size)
             if ok:
                 resume.backward(net, loss, accumulation, micro == accumulation - 1, world_size)
