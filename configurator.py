@@ -4,6 +4,7 @@ key's default. As nanoGPT's configurator.py: the config and its values live in t
 Also the two things every script's command line needs: `one_line(error)` (an exception as a one-line
 user message) and `resolve_device(name)` (what `--device auto` means).
 """
+import sys
 
 
 class ConfigError(ValueError):
@@ -76,3 +77,18 @@ def resolve_device(name):
     if str(name).startswith('cuda') and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available in this torch install")
     return name
+
+
+def run_script(main, argv, errors=(ValueError, OSError, FloatingPointError)):
+    """A script's `__main__`: main(argv). A user error (ConfigError and the other ValueErrors, missing or
+    unreadable files, ...) is printed as one line `error: ...` and exits with status 1; a torchrun process group
+    is torn down either way."""
+    try:
+        main(argv)
+    except errors as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        torch = sys.modules.get('torch')
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -27,7 +27,7 @@ import checkpoint
 import diffusion
 import fidelity
 import mesh
-from configurator import one_line, resolve_device
+from configurator import resolve_device, run_script
 from outputs import write_json
 from render import (CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, DEPTH_FAR, DEPTH_NEAR, FOV_DEGREES, get_rays,
                     orbit_camera)
@@ -492,8 +492,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, sys.argv[1:])

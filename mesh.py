@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from plyfile import PlyData, PlyElement
 from tqdm import tqdm
 
-from configurator import one_line
+from configurator import run_script
 from model import make_field, sample_triplane, triplane_pyramid
 from outputs import atomic_write, save_grid
 from render import CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera, render_rays
@@ -393,8 +393,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, sys.argv[1:])

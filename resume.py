@@ -212,6 +212,13 @@ def run_checkpoint(argv_resume, out_dir, kind, trust):
     return None
 
 
+def check_schedule(max_steps, ckpt, out_dir):
+    """A resumed run may stop earlier than planned, not later: its one-cycle schedule has a fixed length."""
+    if max_steps > ckpt['scheduler']['total_steps']:
+        raise ConfigError(f"--max_steps {max_steps} is beyond the one-cycle schedule of the run in {out_dir} "
+                          f"({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
+
+
 def make_optimizer(model, lr, betas, weight_decay, max_steps, warmup_frac, div_factor, cycle_beta1):
     """Adam + one-cycle: warm up from lr / div_factor over warmup_frac of the steps, then cosine-anneal.
     With cycle_beta1 (as released), Adam's beta1 moves the other way, 0.95 -> 0.85 at the peak lr -> 0.95

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from configurator import one_line, resolve_device
+from configurator import resolve_device, run_script
 from outputs import colorize_depth, save_gif, save_grid
 from render import CANONICAL_PITCH, CANONICAL_YAW
 from scenes import SyntheticScenes
@@ -230,8 +230,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main, sys.argv[1:])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import resume
-from configurator import ConfigError, one_line, parse_overrides, resolve_device
+from configurator import ConfigError, parse_overrides, resolve_device, run_script
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 from sr import load_sr
@@ -398,9 +398,7 @@ def config_and_checkpoint(argv):
         return cfg, None
     saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
     cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset']]), **saved))
-    if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
-        raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in "
-                          f"{cfg['out_dir']} ({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
+    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
     return cfg, ckpt
 
 
@@ -489,11 +487,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError, WeightsUnavailable) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run_script(main, sys.argv[1:], (ValueError, OSError, FloatingPointError, WeightsUnavailable))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import diffusion
 import resume
-from configurator import ConfigError, one_line, parse_overrides, resolve_device
+from configurator import ConfigError, parse_overrides, resolve_device, run_script
 
 # -----------------------------------------------------------------------------
 # config: the synthetic recipe; `--dataset imagenet` puts RECIPES['imagenet'] on top, the command line wins
@@ -132,9 +132,7 @@ def config_and_checkpoint(argv):
     cfg = parse_config(argv, base=dict(parse_config(['--dataset', saved['dataset']] +
                                                     (['--data_dir', '-'] if saved['dataset'] == 'imagenet' else [])),
                                        **saved))
-    if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
-        raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in "
-                          f"{cfg['out_dir']} ({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
+    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
     return cfg, ckpt
 
 
@@ -211,11 +209,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run_script(main, sys.argv[1:])

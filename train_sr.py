@@ -39,7 +39,7 @@ from PIL import Image
 import checkpoint
 import data
 import resume
-from configurator import ConfigError, one_line, parse_overrides, resolve_device
+from configurator import ConfigError, parse_overrides, resolve_device, run_script
 from outputs import save_grid, write_json
 from render import CANONICAL_PITCH, CANONICAL_YAW
 from sr import SR_PRESETS, SRNet, count_parameters, evaluate_sr, psnr
@@ -323,9 +323,7 @@ def start(argv, cfg):
     # lacks comes from its recipe)
     saved = {k: v for k, v in ckpt['config'].items() if k != 'trust_checkpoint'}
     cfg = parse_config(argv, base={**config, **RECIPES.get(saved.get('dataset'), {}), **saved})
-    if cfg['max_steps'] > ckpt['scheduler']['total_steps']:
-        raise ConfigError(f"--max_steps {cfg['max_steps']} is beyond the one-cycle schedule of the run in "
-                          f"{cfg['out_dir']} ({ckpt['scheduler']['total_steps']} steps); start a new run to train longer")
+    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
     return cfg, ckpt
 
 
@@ -439,11 +437,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    try:
-        main(sys.argv[1:])
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    run_script(main, sys.argv[1:])
