@@ -42,7 +42,7 @@ def parse_overrides(argv, base):
         key, eq, value = arg[2:].partition('=')
         key = key.replace('-', '_')
         if key not in base:
-            raise ConfigError(f"unknown config key --{key} (python train.py --help lists them)")
+            raise ConfigError(f"unknown config key --{key} (--help lists them)")
         if not eq:
             if isinstance(base[key], bool) and (i + 1 == len(argv) or argv[i + 1].startswith('--')):
                 value = 'true'  # a bare boolean flag: --resume

@@ -40,6 +40,12 @@ def _divisors(n):
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _nearest(n, x):
+    """The divisors of n nearest to x from below and from above, as 'a or b' (or the one there is)."""
+    below, above = [d for d in _divisors(n) if d < x], [d for d in _divisors(n) if d > x]
+    return ' or '.join(str(d) for d in (below[-1:] + above[:1]))
+
+
 def split_batch(global_batch, world_size, max_batch, explicit=False):
     """(micro-batch per process, accumulation steps) so that every optimiser step sees exactly global_batch
     images: global_batch = world_size x micro-batch x accumulation. explicit=False (the user did not set
@@ -47,17 +53,15 @@ def split_batch(global_batch, world_size, max_batch, explicit=False):
     this process's share; explicit=True: max_batch itself, which must divide the share. One-line ConfigErrors
     name the nearest workable choices."""
     if global_batch % world_size:
-        near = sorted(_divisors(global_batch), key=lambda d: (abs(d - world_size), d))[:2]
         raise ConfigError(f"--global_batch {global_batch} cannot be split over {world_size} processes; use "
-                          f"{' or '.join(map(str, sorted(near)))} processes, or a --global_batch that is a "
+                          f"{_nearest(global_batch, world_size)} processes, or a --global_batch that is a "
                           f"multiple of {world_size}")
     share = global_batch // world_size
     if explicit:
         if share % max_batch:
-            near = sorted(_divisors(share), key=lambda d: (abs(d - max_batch), d))[:2]
             raise ConfigError(f"--batch_size {max_batch} does not divide the {share} images per process of "
                               f"--global_batch {global_batch} over {world_size} process(es); use --batch_size "
-                              f"{' or '.join(map(str, sorted(near)))}, or leave it out to have it chosen")
+                              f"{_nearest(share, max_batch)}, or leave it out to have it chosen")
         return max_batch, share // max_batch
     micro = max(d for d in _divisors(share) if d <= max(1, max_batch))
     return micro, share // micro
@@ -256,8 +260,9 @@ def save_run(path, kind, model, model_config, optimizer, scheduler, step, config
 
 def describe(model, device, world_size, batch_size, accumulation, global_batch):
     """The start-up line's middle: parameters, device and how global_batch is split."""
-    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device} | {world_size} "
-            f"processes x {batch_size} micro-batch x {accumulation} accumulation = {global_batch} images a step")
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    return (f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {device} | {processes} "
+            f"x {batch_size} micro-batch x {accumulation} accumulation = {global_batch} images a step")
 
 
 def autocast_for(device, dtype):

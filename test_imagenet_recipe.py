@@ -1,6 +1,7 @@
 """The ImageNet recipe exercised on the CPU: the 12 real pairs in fixtures/, a tiny f_trigen, and random-weight
 VGG16 and CLIP ViT-B-16 files placed where torchvision and open_clip look for pretrained weights (no download).
-Also the recipe's system choices: dtype, device, global batch."""
+Also the recipe's system choices: dtype, device, global batch (its split over 1-8 processes: test_train.py)."""
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import resume
 import train
 
 REPO = Path(__file__).resolve().parent
@@ -64,13 +67,14 @@ def test_imagenet_recipe_end_to_end(pretrained_files, tmp_path):
             '--global_batch', '2', '--log_every', '1', '--device', 'cpu', '--num_workers', '0',
             '--clip_pretrained', str(clip_file), '--out_dir', str(out)]
     cfg = train.parse_config(argv)
-    assert train.accumulation_steps(cfg, world_size=1) == 2
+    assert train.batch_split(cfg, argv, world_size=1) == (1, 2)  # --batch_size 1 as given, 2 micro-batches a step
     seed = _covering_seed(cfg, 2)
     cfg['seed'] = seed
     env = dict(os.environ, TORCH_HOME=str(torch_home))
     r = subprocess.run([sys.executable, 'train.py', *argv, '--seed', str(seed)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert '1 process x 1 micro-batch x 2 accumulation = 2 images a step' in r.stdout, r.stdout
     records = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     assert [m['step'] for m in records] == [1, 2, 3, 4, 5, 6]
 
@@ -91,11 +95,11 @@ def test_imagenet_recipe_end_to_end(pretrained_files, tmp_path):
     for m in records:
         step = m['step'] - 1
         assert len(m['views']) == 2  # global_batch 2 = batch 1 x 1 process x 2 micro-batches
-        for chunk, view in enumerate(m['views']):
-            novel = train.draw_view(step, chunk, 1, cfg)[0]
+        for micro_index, view in enumerate(m['views']):
+            novel = train.draw_view(step, micro_index, 1, cfg)[0]
             assert view['novel'] is novel
-            expected = {k: w for k, w in train.term_weights(step, novel, cfg).items()
-                        if k not in ('vgg', 'clip') or w}  # zero-weight perceptual terms are not computed
+            expected = train.term_weights(step, novel, cfg)  # without the zero-weight perceptual terms
+            assert all(w or k not in ('vgg', 'clip') for k, w in expected.items())
             assert view['weights'] == pytest.approx(expected)
             terms = {k: view[k] for k in expected}
             assert set(view) == {'loss', 'novel', 'weights', *expected}
@@ -106,7 +110,7 @@ def test_imagenet_recipe_end_to_end(pretrained_files, tmp_path):
         assert m['loss'] == pytest.approx(sum(v['loss'] for v in m['views']) / 2, rel=1e-6)
     # canonical steps without and with the perceptual terms, and novel steps with both
     assert seen == {('canonical',), ('canonical', 'clip', 'vgg'), ('novel', 'clip', 'vgg')}
-    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt = checkpoint.load_run(out / 'ckpt.pt', 'trigen')  # the safe loader reads it
     assert ckpt['step'] == 6 and ckpt['config']['global_batch'] == 2 and ckpt['config']['grad_clip'] == 0
 
 
@@ -125,33 +129,45 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     imagenet = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x'])
     with pytest.raises(train.ConfigError, match='--device cpu'):
-        train._device(imagenet)
-    assert train._device(dict(imagenet, device='cpu')) == 'cpu'
-    assert train._device(train.parse_config([])) == 'cpu'  # synthetic runs are meant for the CPU
+        train.device_of(imagenet)
+    assert train.device_of(dict(imagenet, device='cpu')) == 'cpu'
+    assert train.device_of(train.parse_config([])) == 'cpu'  # synthetic runs are meant for the CPU
     with pytest.raises(train.ConfigError, match='--device cuda:1'):
-        train._device(dict(imagenet, device='cuda:1'))
+        train.device_of(dict(imagenet, device='cuda:1'))
 
 
 def test_global_batch_must_divide(tmp_path):
+    """An explicit --batch_size that cannot make global_batch stops the run before anything is written,
+    naming the nearest micro-batches that can."""
     argv = ['--model_size', 'tiny', '--image_size', '32', '--global_batch', '6', '--batch_size', '4',
             '--out_dir', str(tmp_path / 'run'), '--device', 'cpu']
-    with pytest.raises(train.ConfigError, match='--global_batch 6 .*--batch_size 4'):
+    with pytest.raises(train.ConfigError, match='--batch_size 4 .*--global_batch 6 .*use --batch_size 2 or 3'):
         train.main(argv)
+    assert not (tmp_path / 'run').exists()
+    # left out, the largest micro-batch at or under the recipe's that makes 6: 3 x 2
+    cfg = train.parse_config(argv[:6])
+    assert train.batch_split(cfg, argv[:6], world_size=1) == (3, 2)
 
 
 def test_bfloat16_autocasts_the_unet_only():
-    """--dtype bfloat16: f_trigen runs in bf16, f_dec and the compositing in float32."""
+    """--dtype bfloat16: in a training step (trigen_losses under resume.autocast_for) f_trigen runs in bf16,
+    f_dec, the compositing and the loss in float32."""
     from model import G3DR, MODEL_PRESETS
     model = G3DR(dict(MODEL_PRESETS['tiny'], image_size=16))
-    net = train._EncodeRender(model)
     dtypes = {}
     model.unet.register_forward_hook(lambda m, i, o: dtypes.__setitem__('unet', o.dtype))
     model.decoder.net.register_forward_hook(lambda m, i, o: dtypes.__setitem__('decoder', (i[0].dtype, o.dtype)))
-    rgbd = torch.cat([torch.rand(1, 3, 16, 16) * 2 - 1, torch.full((1, 1, 16, 16), 5.0)], 1)
-    from render import get_rays, orbit_camera
-    rays_o, rays_d = get_rays(orbit_camera(torch.tensor([math.pi / 2]), torch.tensor([math.pi / 2])), 18.0, 4)
-    with torch.autocast(device_type='cpu', dtype=torch.bfloat16):
-        out = net(rgbd, rays_o, rays_d, dict(n_coarse=4, n_fine=4))
+    cfg = train.parse_config(['--dtype', 'bfloat16', '--model_size', 'tiny', '--image_size', '16',
+                              '--render_size', '4', '--n_coarse', '4', '--n_fine', '4'])
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        autocast = resume.autocast_for('cpu', train.DTYPES[cfg['dtype']])
+        batch = dict(image=torch.rand(1, 3, 16, 16), depth=torch.full((1, 1, 16, 16), 5.0))
+        loss, terms, _ = train.trigen_losses(model, batch, 0, 0, cfg, {}, 'cpu', autocast)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert dtypes['unet'] == torch.bfloat16
     assert dtypes['decoder'] == (torch.float32, torch.float32)
-    assert out['rgb'].dtype == out['depth'].dtype == torch.float32
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert train.DTYPES['float32'] is None
+    assert resume.autocast_for('cpu', None) is contextlib.nullcontext  # float32: no autocast at all

@@ -133,6 +133,8 @@ DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_tr
 def _resolve(argv, base=None):
     """config, then the dataset's recipe, then the command line. With base (a resumed run's saved config,
     its recipe already applied) only the command line goes on top."""
+    if any(a.split('=')[0] == '--stage' for a in argv):
+        raise ConfigError("--stage is gone: train.py trains f_trigen, train_rgbd.py trains f_rgbd")
     overrides = parse_overrides(argv, config if base is None else base)
     if base is not None:
         return dict(base, **overrides)

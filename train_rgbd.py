@@ -69,7 +69,7 @@ RECIPES = {
 DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 
 
-def parse_config(argv, base=None):
+def _resolve(argv, base=None):
     """config, the dataset's recipe, then the command line (with base, a resumed run's config: only the
     command line on top)."""
     overrides = parse_overrides(argv, config if base is None else base)
@@ -78,7 +78,12 @@ def parse_config(argv, base=None):
     dataset = overrides.get('dataset', config['dataset'])
     if dataset not in RECIPES:
         raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    cfg = {**config, **RECIPES[dataset], **overrides}
+    return {**config, **RECIPES[dataset], **overrides}
+
+
+def parse_config(argv, base=None):
+    """_resolve, then the checks of the values."""
+    cfg = _resolve(argv, base)
     if cfg['dtype'] not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir']:
@@ -129,9 +134,7 @@ def config_and_checkpoint(argv):
     saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
     if 'rgbd_size' in ckpt['config']:  # a run of `train.py --stage rgbd` (before train_rgbd.py)
         saved['size'] = ckpt['config']['rgbd_size']
-    cfg = parse_config(argv, base=dict(parse_config(['--dataset', saved['dataset']] +
-                                                    (['--data_dir', '-'] if saved['dataset'] == 'imagenet' else [])),
-                                       **saved))
+    cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset']]), **saved))
     resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
     return cfg, ckpt
 
@@ -139,7 +142,7 @@ def config_and_checkpoint(argv):
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print(__doc__)
-        cfg = parse_config([a for a in argv if a not in ('-h', '--help')])
+        cfg = _resolve([a for a in argv if a not in ('-h', '--help')])  # no --data_dir needed to list them
         for key, value in cfg.items():
             print(f"--{key:20s} {value!r:>16s} {'*' if value != config[key] else ''}")
         return None
