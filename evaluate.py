@@ -6,11 +6,9 @@ Everything that scores G3DR: held-out reconstruction, meshes, and generated 3D.
     python evaluate.py --rgbd_ckpt out-rgbd/ckpt.pt         # f_rgbd samples vs held-out scenes -> its eval.json
     python evaluate.py --fid --real DIR --rgbd_ckpt R --ckpt C   # FID / IS / KID of generated 3D -> fid.json
 
-Reconstruction (`evaluate_reconstruction`) and mesh accuracy (`evaluate_meshes`) use the synthetic scenes,
-whose true 3D is known: the scenes of the seed after the training run's (HELDOUT_SEED), which it never saw.
-The JSON files go beside the checkpoint scored, and a table is printed. The FID / IS / KID protocol is in
-`evaluate_fidelity`'s docstring; the numbers come from torch-fidelity (its port of the TF-Inception graph
-that published FIDs use), never from a network built here.
+Reconstruction and mesh accuracy use synthetic scenes the training run never saw (the seed after its own),
+whose true 3D is known. JSON files go beside the checkpoint scored, and a table is printed. FID / IS / KID
+(protocol: `evaluate_fidelity`) come from torch-fidelity's port of the TF-Inception graph published FIDs use.
 """
 import argparse
 import math
@@ -33,6 +31,7 @@ from render import (CAMERA_RADIUS, CANONICAL_PITCH, CANONICAL_YAW, DEPTH_FAR, DE
                     orbit_camera)
 from sample import HELDOUT_SEED, heldout_seed, load_model
 from scenes import SyntheticScenes
+from sr import load_sr
 
 NOVEL_VIEWS = [(-math.pi / 12, 0.0), (math.pi / 12, 0.0), (-math.pi / 6, 0.0), (math.pi / 6, 0.0),
                (0.0, -math.pi / 18), (0.0, math.pi / 18)]  # (yaw, pitch) offsets from the canonical camera
@@ -330,10 +329,12 @@ def evaluate_meshes(model, scenes, mesh_res=mesh.MESH_RES, mesh_level=None, devi
 
 @torch.no_grad()
 def render_generated(denoiser, model, labels, side, steps=50, eta=0.0, guidance=3.0, seed=0, batch_size=50,
-                     n_coarse=64, n_fine=64, device='cpu'):
+                     n_coarse=64, n_fine=64, device='cpu', sr=None):
     """f_rgbd samples of `labels` (N,), each lifted to 3D by f_trigen and rendered side x side at the
     canonical view and at one novel view (sample k at NOVEL_VIEWS[k % 6]) -> (canonical (N, 3, S, S) uint8,
-    novel (N, 3, S, S) uint8, NFS of the generated depth maps, NFS of the canonical renders' depth)."""
+    novel (N, 3, S, S) uint8, NFS of the generated depth maps, NFS of the canonical renders' depth). With
+    sr (a 2x network, --sr_ckpt) the renders are its 2S x 2S outputs, as the paper reports at 256 x 256."""
+    sr = sr or (lambda x: x)
     gen = torch.Generator(device=device).manual_seed(seed)
     size, input_size = denoiser.image_size, model.config['image_size']
     canonical, novel, nfs_depth, nfs_render = [], [], 0.0, 0.0
@@ -353,8 +354,8 @@ def render_generated(denoiser, model, labels, side, steps=50, eta=0.0, guidance=
             view = offsets[torch.arange(start, start + len(batch)) % len(NOVEL_VIEWS)].to(device)  # (B, 2)
             yaw, pitch = CANONICAL_YAW + view[:, 0], CANONICAL_PITCH + view[:, 1]      # (B,) each
             novel_rgb, _ = model.render_view(planes, yaw, pitch, side, **opts)
-            canonical.append((rgb.clamp(0, 1) * 255).round().byte().cpu())      # what a PNG of it holds
-            novel.append((novel_rgb.clamp(0, 1) * 255).round().byte().cpu())
+            canonical.append((sr(rgb).clamp(0, 1) * 255).round().byte().cpu())  # what a PNG of it holds
+            novel.append((sr(novel_rgb).clamp(0, 1) * 255).round().byte().cpu())
             nfs_render += len(batch) * non_flatness_score(rendered)
             bar.update(len(batch))
     return torch.cat(canonical), torch.cat(novel), nfs_depth / len(labels), nfs_render / len(labels)
@@ -363,21 +364,23 @@ def render_generated(denoiser, model, labels, side, steps=50, eta=0.0, guidance=
 def evaluate_fidelity(denoiser, model, args, device='cpu'):
     """FID, IS and KID of generated 3D, the protocol written into the JSON: `args.samples` f_rgbd samples
     (sample k of class k mod classes: balanced classes; DDIM with --steps, --eta, --guidance, --seed),
-    each lifted by f_trigen and rendered at --resolution (default its training size) once at the
+    each lifted by f_trigen and rendered at --resolution (default its training size; 2x through --sr_ckpt) once at the
     canonical view and once at a novel view (sample k at NOVEL_VIEWS[k % 6]: yaw +-15, +-30 degrees,
     pitch +-10 degrees), each set of N renders scored against the real images of --real (or their
     features cached as --real_cache) with torch-fidelity: FID and KID on the 2048-d pool features, IS
     on the logits of its TF-Inception port, unless --feature_extractor names another of its extractors."""
     import torch_fidelity
+    sr = load_sr(args.sr_ckpt, device, trust=args.trust_checkpoint) if args.sr_ckpt else None
     side = args.resolution or model.config['image_size']
-    reference, cache_name, n_ref = fidelity.reference_set(args.real, side, args.real_cache)
+    scored = side * (2 if sr else 1)                                    # the side of the images scored
+    reference, cache_name, n_ref = fidelity.reference_set(args.real, scored, args.real_cache)
     cache_root = fidelity.default_cache_root()  # $TORCH_HOME/fidelity_cache
     weights = fidelity.inception_weights(args.inception_weights, trust=args.trust_checkpoint) \
         if args.feature_extractor == fidelity.INCEPTION else None  # found (or refused) before the long sampling
     labels = torch.arange(args.samples) % denoiser.num_classes
     canonical, novel, nfs_generated, nfs_rendered = render_generated(
         denoiser, model, labels, side, args.steps, args.eta, args.guidance, args.seed, args.batch_size,
-        args.n_coarse, args.n_fine, device)
+        args.n_coarse, args.n_fine, device, sr)
     metrics = {}
     for name, images in (('canonical', canonical), ('novel', novel)):
         scores = fidelity.score(images, reference, cache_name, cache_root, args.feature_extractor, weights, device,
@@ -386,10 +389,11 @@ def evaluate_fidelity(denoiser, model, args, device='cpu'):
     metrics.update(nfs_generated=nfs_generated, nfs_rendered=nfs_rendered)
     metrics['protocol'] = dict(
         samples=len(labels), classes=denoiser.num_classes, labels='sample k has class k mod classes',
-        resolution=side, views=dict(canonical=[0.0, 0.0], novel=[[round(y, 4), round(p, 4)] for y, p in NOVEL_VIEWS],
-                                    rule='every sample at the canonical view and at novel view k mod 6'),
+        resolution=scored, super_resolution=args.sr_ckpt or None,
+        views=dict(canonical=[0.0, 0.0], novel=[[round(y, 4), round(p, 4)] for y, p in NOVEL_VIEWS],
+                   rule='every sample at the canonical view and at novel view k mod 6'),
         reference=dict(folder=args.real, images=n_ref, cache_name=cache_name, cache_root=cache_root,
-                       preprocessing=f'shorter side resized to {side}, centre crop (torch-fidelity)'),
+                       preprocessing=f'shorter side resized to {scored}, centre crop (torch-fidelity)'),
         feature_extractor=args.feature_extractor, weights=weights,
         is_splits=min(args.is_splits, len(labels)), kid_subsets=100,
         kid_subset_size=min(args.kid_subset_size, len(labels), n_ref or len(labels)),
@@ -429,6 +433,7 @@ def parse_args(argv):
     p.add_argument('--inception_weights', default='', help='--fid: torch-fidelity\'s weights-inception-2015-12-05-'
                    '6726825d.pth (default: from its cache, $TORCH_HOME/hub/checkpoints, downloaded there if missing)')
     p.add_argument('--feature_extractor', default=fidelity.INCEPTION, help='--fid: a torch-fidelity feature extractor')
+    p.add_argument('--sr_ckpt', default='', help='--fid: score the 2x outputs of this train_sr.py network')
     p.add_argument('--is_splits', type=int, default=10, help='--fid: Inception Score splits')
     p.add_argument('--kid_subset_size', type=int, default=1000, help='--fid: KID subset size')
     p.add_argument('--seed', type=int, default=0)

@@ -387,6 +387,22 @@ def test_fid_command_writes_numbers_and_protocol(ckpts, real_folder, capsys):
     assert 'fid_canonical' in capsys.readouterr().out
 
 
+def test_fid_through_super_resolution_scores_the_2x_renders(ckpts, real_folder, tmp_path):
+    """--sr_ckpt: the generated renders go through the 2x network before scoring, at twice the resolution."""
+    from sr import SR_PRESETS, SRNet
+    register_standin()
+    folder, _ = real_folder
+    sr_path = tmp_path / 'sr.pt'
+    checkpoint.save(sr_path, checkpoint.training_state('sr', SRNet(**SR_PRESETS['cpu']), SR_PRESETS['cpu']))
+    evaluate.main(['--fid', '--rgbd_ckpt', str(ckpts['rgbd']), '--ckpt', str(ckpts['trigen']), '--real', str(folder),
+                   '--samples', '4', '--batch_size', '4', '--steps', '2', '--n_coarse', '4', '--n_fine', '4',
+                   '--resolution', '8', '--feature_extractor', STANDIN, '--is_splits', '1', '--device', 'cpu',
+                   '--sr_ckpt', str(sr_path)])
+    protocol = json.loads((ckpts['rgbd'].parent / 'fid.json').read_text())['protocol']
+    assert protocol['resolution'] == 16 and protocol['super_resolution'] == str(sr_path)
+    assert protocol['reference']['preprocessing'].startswith('shorter side resized to 16')
+
+
 def test_unsafe_checkpoints_and_weights_files_are_refused(tmp_path):
     from test_checkpoint import write_malicious_checkpoint
     marker = tmp_path / 'created_by_payload'

@@ -335,6 +335,51 @@ def test_losses_rescaling_and_depth_guided_samples_per_view(novel):
     assert set(terms) == ({'vgg', 'tv', 'opacity'} if novel else {'rgb', 'depth', 'opacity'})
 
 
+class _Recorder(torch.nn.Module):
+    """A stand-in perceptual loss that records the images it compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, pred, target, **kwargs):
+        self.seen.append((pred.detach(), target))
+        return (pred - target).abs().mean()
+
+
+@pytest.mark.parametrize('novel', [False, True])
+def test_sr_in_training_feeds_the_perceptual_terms_at_twice_the_size(novel):
+    """--sr_ckpt: VGG and CLIP compare SR(render) (B, 3, 2 side, 2 side) with the photo at 2x (image_hr);
+    the pixel terms stay at the render size, and a missing SR leaves the perceptual inputs as they were."""
+    cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x', '--max_steps', '100', '--render_size', '8',
+                              '--p_novel_max', '1' if novel else '0', '--sr_ckpt', 'unused-here'])
+
+    def net(image, depth, rays_o, rays_d, **opts):
+        B, R = rays_o.shape[:2]
+        return dict(rgb=torch.rand(B, R, 3, requires_grad=True), depth=torch.full((B, R, 1), 5.0),
+                    opacity=torch.ones(B, R, 1))
+    batch = dict(image=torch.rand(2, 3, 8, 8), depth=torch.rand(2, 1, 8, 8) * 2 + 4, image_hr=torch.rand(2, 3, 16, 16))
+    calls = []
+
+    def sr(x):  # a stand-in 2x network: nearest-neighbour upsampling, recorded
+        calls.append(tuple(x.shape))
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode='nearest')
+    perceptual = dict(vgg=_Recorder(), clip=_Recorder())
+    _, terms, _ = train.trigen_losses(net, batch, 60, 0, cfg, perceptual, 'cpu', contextlib.nullcontext, sr)
+    assert calls == [(2, 3, 8, 8)]
+    for name in ('vgg', 'clip'):
+        pred, target = perceptual[name].seen[0]
+        assert pred.shape == target.shape == (2, 3, 16, 16)
+        assert torch.equal(target, batch['image_hr'])  # the 2x photo itself (image_size 8 -> 16 = 2 render_size)
+    if not novel:
+        assert terms['rgb'].shape == ()  # the pixel term, at 8 x 8, still computed
+    perceptual = dict(vgg=_Recorder(), clip=_Recorder())
+    train.trigen_losses(net, batch, 60, 0, cfg, perceptual, 'cpu', contextlib.nullcontext)
+    assert perceptual['vgg'].seen[0][0].shape == (2, 3, 8, 8)
+    with pytest.raises(train.ConfigError, match='--sr_ckpt'):
+        train.parse_config(['--sr_ckpt', 'x'])  # the synthetic recipe has no perceptual terms to feed
+
+
 def test_views_drawn_per_micro_batch_and_reproducible():
     cfg = train.parse_config(['--max_steps', '300', '--p_novel_max', '0.4'])
     draws = [[train.draw_view(step, micro_index, 3, cfg) for micro_index in range(6)] for step in range(100, 300)]
