@@ -56,6 +56,19 @@ def parse_overrides(argv, base):
     return overrides
 
 
+def resolve(argv, config, recipes, base=None):
+    """A training script's config: `config`, then the recipe of the dataset the command line asks for
+    (recipes[name]: the keys it changes), then the command line's `--key value` overrides. With `base` (a
+    resumed run's saved config, its recipe already applied) only the command line goes on top."""
+    overrides = parse_overrides(argv, config if base is None else base)
+    if base is not None:
+        return {**base, **overrides}
+    dataset = overrides.get('dataset', config['dataset'])
+    if dataset not in recipes:
+        raise ConfigError(f"--dataset must be one of {sorted(recipes)}, got {dataset!r}")
+    return {**config, **recipes[dataset], **overrides}
+
+
 def one_line(error):
     """Any exception as one line for a user-facing message: its text with line breaks and runs of
     spaces squeezed, or its class name when it has no text. An error raised inside a DataLoader

@@ -6,6 +6,7 @@ train.py (f_trigen), train_rgbd.py (f_rgbd) and train_sr.py (super-resolution) c
 loop, which reads top to bottom.
 """
 import contextlib
+import functools
 import json
 import os
 import random
@@ -271,7 +272,7 @@ def autocast_for(device, dtype):
     if dtype is None:
         return contextlib.nullcontext
     torch.backends.cuda.matmul.allow_tf32 = True
-    return lambda: torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return functools.partial(torch.autocast, device_type=torch.device(device).type, dtype=dtype)
 
 
 def all_finite(loss, world_size):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import resume
-from configurator import ConfigError, parse_overrides, resolve_device, run_script
+from configurator import ConfigError, resolve, resolve_device, run_script
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 from sr import load_sr
@@ -131,17 +131,10 @@ DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_tr
 
 
 def _resolve(argv, base=None):
-    """config, then the dataset's recipe, then the command line. With base (a resumed run's saved config,
-    its recipe already applied) only the command line goes on top."""
+    """config, then the dataset's recipe, then the command line (configurator.resolve)."""
     if any(a.split('=')[0] == '--stage' for a in argv):
         raise ConfigError("--stage is gone: train.py trains f_trigen, train_rgbd.py trains f_rgbd")
-    overrides = parse_overrides(argv, config if base is None else base)
-    if base is not None:
-        return dict(base, **overrides)
-    dataset = overrides.get('dataset', config['dataset'])
-    if dataset not in RECIPES:
-        raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    return {**config, **RECIPES[dataset], **overrides}
+    return resolve(argv, config, RECIPES, base)
 
 
 def parse_config(argv, base=None):
@@ -451,8 +444,8 @@ def main(argv):
             batch = next(batches)  # consumed even when the step is being skipped, so the data stays in step
             if not ok:
                 continue
-            loss, terms, info = trigen_losses(net, batch, step, micro * world_size + rank, cfg, perceptual, device,
-                                              autocast, sr)
+            micro_index = micro * world_size + rank  # this micro-batch's place in the step's image order
+            loss, terms, info = trigen_losses(net, batch, step, micro_index, cfg, perceptual, device, autocast, sr)
             ok = resume.all_finite(loss, world_size)
             if ok:
                 resume.backward(net, loss, accumulation, micro == accumulation - 1, world_size)

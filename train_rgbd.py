@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import diffusion
 import resume
-from configurator import ConfigError, parse_overrides, resolve_device, run_script
+from configurator import ConfigError, resolve, resolve_device, run_script
 
 # -----------------------------------------------------------------------------
 # config: the synthetic recipe; `--dataset imagenet` puts RECIPES['imagenet'] on top, the command line wins
@@ -70,15 +70,8 @@ DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}
 
 
 def _resolve(argv, base=None):
-    """config, the dataset's recipe, then the command line (with base, a resumed run's config: only the
-    command line on top)."""
-    overrides = parse_overrides(argv, config if base is None else base)
-    if base is not None:
-        return dict(base, **overrides)
-    dataset = overrides.get('dataset', config['dataset'])
-    if dataset not in RECIPES:
-        raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-    return {**config, **RECIPES[dataset], **overrides}
+    """config, then the dataset's recipe, then the command line (configurator.resolve)."""
+    return resolve(argv, config, RECIPES, base)
 
 
 def parse_config(argv, base=None):

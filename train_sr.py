@@ -39,7 +39,7 @@ from PIL import Image
 import checkpoint
 import data
 import resume
-from configurator import ConfigError, parse_overrides, resolve_device, run_script
+from configurator import ConfigError, resolve, resolve_device, run_script
 from outputs import save_grid, write_json
 from render import CANONICAL_PITCH, CANONICAL_YAW
 from sr import SR_PRESETS, SRNet, count_parameters, evaluate_sr, psnr
@@ -98,14 +98,7 @@ RECIPES = {
 
 def parse_config(argv, base=None):
     """config, the dataset's recipe and the command line (on top of `base`, a resumed run's config, if given)."""
-    overrides = parse_overrides(argv, config if base is None else base)
-    if base is not None:
-        cfg = dict(base, **overrides)
-    else:
-        dataset = overrides.get('dataset', config['dataset'])
-        if dataset not in RECIPES:
-            raise ConfigError(f"--dataset must be one of {sorted(RECIPES)}, got {dataset!r}")
-        cfg = {**config, **RECIPES[dataset], **overrides}
+    cfg = resolve(argv, config, RECIPES, base)
     if cfg['preset'] not in SR_PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(SR_PRESETS)}, got {cfg['preset']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir'] and not cfg['eval']:
