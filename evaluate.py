@@ -423,8 +423,7 @@ def parse_args(argv):
     p.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance scale')
     p.add_argument('--steps', type=int, default=50, help='DDIM steps')
     p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0 = deterministic)')
-    p.add_argument('--fid', action='store_true', help='FID / IS / KID of generated 3D (--rgbd_ckpt lifted by --ckpt) '
-                   'against --real -> fid.json beside the f_rgbd checkpoint')
+    p.add_argument('--fid', action='store_true', help='FID / IS / KID of generated 3D -> fid.json')
     p.add_argument('--real', default='', help='--fid: a folder of real images (e.g. ImageNet validation)')
     p.add_argument('--real_cache', default='', help='--fid: name of the real images\' features in torch-fidelity\'s '
                    'cache (written on the first run with --real; alone, reused without the folder)')
