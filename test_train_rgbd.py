@@ -93,7 +93,7 @@ def test_help_and_cli_errors():
 
 
 def test_an_explicit_batch_size_that_cannot_make_global_batch_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r'--batch_size 5 does not divide the 16 images.*use --batch_size 2 or 4'):
+    with pytest.raises(ConfigError, match=r'--batch_size 5 does not divide the 16 images.*use --batch_size 4 or 8'):
         train_rgbd.main([*ARGS, '--batch_size', '5', '--out_dir', str(tmp_path / 'run')])
     assert not (tmp_path / 'run').exists()
 
