@@ -134,6 +134,9 @@ def _ours(ckpt, source, kind):
         ckpt = dict(ckpt, kind="rgbd" if "denoiser_config" in ckpt else "trigen")
         if "denoiser_config" in ckpt:
             ckpt["model_config"] = ckpt.pop("denoiser_config")
+            if isinstance(ckpt.get("config"), dict) and "rgbd_size" in ckpt["config"]:
+                # train.py --stage rgbd's key for what train_rgbd.py calls `size`
+                ckpt["config"] = dict(ckpt["config"], size=ckpt["config"]["rgbd_size"])
         ckpt.pop("stage", None)
     if ckpt["kind"] != kind:
         raise ValueError(f"{source}: a {ckpt['kind']!r} checkpoint ({KINDS.get(ckpt['kind'], '?')}), "

@@ -56,6 +56,11 @@ def parse_overrides(argv, base):
     return overrides
 
 
+def given(argv, key):
+    """Whether the command line sets --key itself (`--key v`, `--key=v`, dashes or underscores alike)."""
+    return any(a.startswith('--') and a[2:].partition('=')[0].replace('-', '_') == key for a in argv)
+
+
 def resolve(argv, config, recipes, base=None):
     """A training script's config: `config`, then the recipe of the dataset the command line asks for
     (recipes[name]: the keys it changes), then the command line's `--key value` overrides. With `base` (a

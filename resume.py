@@ -205,16 +205,30 @@ def log_metrics(out_dir, record):
         f.write(json.dumps(record) + '\n')
 
 
-def run_checkpoint(argv_resume, out_dir, kind, trust):
+def run_checkpoint(resuming, out_dir, kind, trust):
     """The checkpoint to continue from (--resume) or None; a new run refuses to overwrite one."""
     path = os.path.join(out_dir, 'ckpt.pt')
-    if argv_resume:
+    if resuming:
         if not os.path.exists(path):
             raise ConfigError(f"--resume: no checkpoint at {path}")
         return checkpoint.load_run(path, kind, trust=trust)
     if os.path.exists(path):
         raise ConfigError(f"{path} already exists: pass --resume to continue that run, or pick another --out_dir")
     return None
+
+
+def continue_run(argv, cfg, kind, config, recipes, parse_config):
+    """(config, checkpoint) of a training script's command line: (cfg, None) for a new run; with --resume, the
+    run's own config with this command line's overrides on top, and its checkpoint of `kind`. Trust is never
+    inherited; a key the saved run did not have takes its recipe's value, a key the script no longer has is
+    dropped. parse_config(argv, base=...) is the script's own, with its checks."""
+    ckpt = run_checkpoint(cfg['resume'], cfg['out_dir'], kind, cfg['trust_checkpoint'])
+    if ckpt is None:
+        return cfg, None
+    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
+    cfg = parse_config(argv, base={**config, **recipes[saved['dataset']], **saved})
+    check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
+    return cfg, ckpt
 
 
 def check_schedule(max_steps, ckpt, out_dir):

@@ -44,15 +44,20 @@ def _read(path):
     return image
 
 
-def _raises(match, fn, *args, **kwargs):
-    """fn raises DataError whose one-line message contains every string in `match`."""
-    with pytest.raises(DataError) as info:
+def raises_one_line(error, match, fn, *args, **kwargs):
+    """fn raises `error` whose one-line message contains every string in `match`; returns the message."""
+    with pytest.raises(error) as info:
         fn(*args, **kwargs)
     message = str(info.value)
     assert '\n' not in message, message
     for part in match:
         assert str(part) in message, (part, message)
     return message
+
+
+def _raises(match, fn, *args, **kwargs):
+    """fn raises DataError whose one-line message contains every string in `match`."""
+    return raises_one_line(DataError, match, fn, *args, **kwargs)
 
 
 @pytest.fixture

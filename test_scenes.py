@@ -8,17 +8,12 @@ import torch
 
 from render import get_rays, orbit_camera
 from scenes import SHAPES, SyntheticScenes, raycast
+from test_data import raises_one_line
 
 
 def _raises(match, fn, *args, **kwargs):
     """fn raises ValueError whose one-line message contains every string in `match`."""
-    with pytest.raises(ValueError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert '\n' not in message, message
-    for part in match:
-        assert str(part) in message, (part, message)
-    return message
+    return raises_one_line(ValueError, match, fn, *args, **kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import resume
-from configurator import ConfigError, resolve, resolve_device, run_script
+from configurator import ConfigError, given, resolve, resolve_device, run_script
 from losses import WeightsUnavailable, depth_loss, load_perceptual, opacity_loss, recon_loss, tv_loss
 from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 from sr import load_sr
@@ -132,7 +132,7 @@ DTYPES = {'float32': None, 'bfloat16': torch.bfloat16}  # autocast dtype of f_tr
 
 def _resolve(argv, base=None):
     """config, then the dataset's recipe, then the command line (configurator.resolve)."""
-    if any(a.split('=')[0] == '--stage' for a in argv):
+    if given(argv, 'stage'):
         raise ConfigError("--stage is gone: train.py trains f_trigen, train_rgbd.py trains f_rgbd")
     return resolve(argv, config, RECIPES, base)
 
@@ -162,9 +162,7 @@ def parse_config(argv, base=None):
 
 def batch_split(cfg, argv, world_size):
     """(micro-batch, accumulation) of this run: --batch_size as given, or chosen (resume.split_batch)."""
-    explicit = any(a == '--batch_size' or a.startswith('--batch_size=') or a == '--batch-size' or
-                   a.startswith('--batch-size=') for a in argv)
-    return resume.split_batch(cfg['global_batch'], world_size, cfg['batch_size'], explicit=explicit)
+    return resume.split_batch(cfg['global_batch'], world_size, cfg['batch_size'], explicit=given(argv, 'batch_size'))
 
 
 def print_help(argv):
@@ -370,7 +368,9 @@ def frozen_networks(cfg, device):
               if any(cfg[k] for k in keys)]
     perceptual = load_perceptual(wanted, device, lpips_weights=cfg['lpips_weights'], clip_model=cfg['clip_model'],
                                  clip_pretrained=cfg['clip_pretrained'])
-    sr = load_sr(cfg['sr_ckpt'], device, trust=cfg['trust_checkpoint']).requires_grad_(False) if cfg['sr_ckpt'] else None
+    sr = None
+    if cfg['sr_ckpt']:
+        sr = load_sr(cfg['sr_ckpt'], device, trust=cfg['trust_checkpoint']).requires_grad_(False)
     return perceptual, sr
 
 
@@ -383,27 +383,13 @@ def device_of(cfg):
     return resolve_device(cfg['device'])
 
 
-def config_and_checkpoint(argv):
-    """This command line's config and, with --resume, the checkpoint it continues: the run's own config with
-    this command line's overrides on top (trust is never inherited; a key the saved run did not have takes
-    its recipe's value, a key this version no longer has is dropped)."""
-    cfg = parse_config(argv)
-    ckpt = resume.run_checkpoint(cfg['resume'], cfg['out_dir'], 'trigen', cfg['trust_checkpoint'])
-    if ckpt is None:
-        return cfg, None
-    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
-    cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset']]), **saved))
-    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
-    return cfg, ckpt
-
-
 # -----------------------------------------------------------------------------
 
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print_help(argv)
         return None
-    cfg, ckpt = config_and_checkpoint(argv)
+    cfg, ckpt = resume.continue_run(argv, parse_config(argv), 'trigen', config, RECIPES, parse_config)
     rank, world_size, device = resume.setup_distributed(device_of(cfg))
     resume.seed_all(cfg['seed'] + rank)
     batch_size, accumulation = batch_split(cfg, argv, world_size)

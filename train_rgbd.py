@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import diffusion
 import resume
-from configurator import ConfigError, resolve, resolve_device, run_script
+from configurator import ConfigError, given, resolve, resolve_device, run_script
 
 # -----------------------------------------------------------------------------
 # config: the synthetic recipe; `--dataset imagenet` puts RECIPES['imagenet'] on top, the command line wins
@@ -117,21 +117,6 @@ def rgbd_grid(model, num_classes, cfg, device, path):
     save_grid(torch.stack([image, colorize_depth(depth)], 1).flatten(0, 1), path, nrow=4)
 
 
-def config_and_checkpoint(argv):
-    """This command line's config and, with --resume, the checkpoint it continues (the run's own config with
-    this command line's overrides on top; trust is never inherited)."""
-    cfg = parse_config(argv)
-    ckpt = resume.run_checkpoint(cfg['resume'], cfg['out_dir'], 'rgbd', cfg['trust_checkpoint'])
-    if ckpt is None:
-        return cfg, None
-    saved = {k: v for k, v in ckpt['config'].items() if k in config and k != 'trust_checkpoint'}
-    if 'rgbd_size' in ckpt['config']:  # a run of `train.py --stage rgbd` (before train_rgbd.py)
-        saved['size'] = ckpt['config']['rgbd_size']
-    cfg = parse_config(argv, base=dict(_resolve(['--dataset', saved['dataset']]), **saved))
-    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
-    return cfg, ckpt
-
-
 def main(argv):
     if any(a in ('-h', '--help') for a in argv):
         print(__doc__)
@@ -139,12 +124,12 @@ def main(argv):
         for key, value in cfg.items():
             print(f"--{key:20s} {value!r:>16s} {'*' if value != config[key] else ''}")
         return None
-    cfg, ckpt = config_and_checkpoint(argv)
+    cfg, ckpt = resume.continue_run(argv, parse_config(argv), 'rgbd', config, RECIPES, parse_config)
     device = resolve_device(cfg['device'])
     rank, world_size, device = resume.setup_distributed(device)
     resume.seed_all(cfg['seed'] + rank)
-    explicit = any(a.split('=')[0] in ('--batch_size', '--batch-size') for a in argv)
-    batch_size, accumulation = resume.split_batch(cfg['global_batch'], world_size, cfg['batch_size'], explicit)
+    batch_size, accumulation = resume.split_batch(cfg['global_batch'], world_size, cfg['batch_size'],
+                                                  explicit=given(argv, 'batch_size'))
     autocast = resume.autocast_for(device, DTYPES[cfg['dtype']])
     dataset = make_dataset(cfg)
     model_config = dict(num_classes=dataset.num_classes, size=cfg['size'], image_size=cfg['image_size'])

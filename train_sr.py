@@ -307,19 +307,6 @@ def _device(cfg):
     return resolve_device(cfg['device'])
 
 
-def start(argv, cfg):
-    """The run's config (cfg: parse_config(argv)) and, with --resume, the checkpoint it continues (kind 'sr')."""
-    ckpt = resume.run_checkpoint(cfg['resume'], cfg['out_dir'], 'sr', cfg['trust_checkpoint'])
-    if ckpt is None:
-        return cfg, None
-    # the run's own config with this command line on top (trust is never inherited; a key the saved run
-    # lacks comes from its recipe)
-    saved = {k: v for k, v in ckpt['config'].items() if k != 'trust_checkpoint'}
-    cfg = parse_config(argv, base={**config, **RECIPES.get(saved.get('dataset'), {}), **saved})
-    resume.check_schedule(cfg['max_steps'], ckpt, cfg['out_dir'])
-    return cfg, ckpt
-
-
 def build(cfg, device):
     """A new SRNet (seeded, so every process starts alike), Adam and the one-cycle schedule (resume.py)."""
     resume.seed_all(cfg['seed'])
@@ -426,7 +413,7 @@ def main(argv):
     cfg = parse_config(argv)
     if cfg['eval']:
         return run_eval(cfg)
-    return train(*start(argv, cfg))
+    return train(*resume.continue_run(argv, cfg, 'sr', config, RECIPES, parse_config))
 
 
 if __name__ == '__main__':
