@@ -13,6 +13,7 @@ Timings on a shared machine are noisy: the table shows the load average next to 
 To add a benchmark, write add_X_args(parser) and bench_X(args) and register them in BENCHMARKS.
 """
 import argparse
+import math
 import os
 import resource
 import statistics
@@ -219,8 +220,11 @@ ABLATIONS = {
     "'official' projection (no y-z plane)": ["--projection", "official"],
     "no novel steps": ["--p_novel_max", "0"],
 }
-ABLATION_COLUMNS = ["psnr_canonical", "psnr_novel", "depth_mae_novel", "nfs", "psnr_canonical_mean",
+ABLATION_COLUMNS = ["psnr_canonical", "psnr_novel", "depth_mae_novel", "opacity_yaw30", "nfs", "psnr_canonical_mean",
                     "psnr_novel_static", "psnr_novel_warp", "depth_mae_novel_static"]
+# the variants the picture shows (first seed's runs), beside the truth: what each mechanism does to novel views
+PICTURE_VARIANTS = [0, 1, 3, 4]
+PICTURE_VIEW = (math.pi / 6, 0.0)  # (yaw, pitch) offset of the pictured view: 30 degrees to the side
 
 
 def add_ablate_args(p):
@@ -247,11 +251,63 @@ def _write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+@torch.no_grad()
+def ablation_picture(ckpts, path, scenes=4, n_samples=64):
+    """One row per checkpoint, after a row of truth: RGB and depth of held-out scenes (evaluate.py's, of the
+    default seed) seen from PICTURE_VIEW, each encoded from its canonical RGB-D. ckpts: paths in row order."""
+    from outputs import colorize_depth, save_grid
+    from sample import HELDOUT_SEED, load_model
+    from scenes import SyntheticScenes
+    yaw, pitch = CANONICAL_YAW + PICTURE_VIEW[0], CANONICAL_PITCH + PICTURE_VIEW[1]
+    held_out, rows = None, []
+    for ckpt in ckpts:
+        model, _ = load_model(ckpt, False, "cpu")
+        if held_out is None:
+            held_out = SyntheticScenes(scenes, image_size=model.config["image_size"], seed=HELDOUT_SEED)
+            items = [held_out[i] for i in range(scenes)]
+            rows.append(held_out.render_views(list(range(scenes)), yaw, pitch))  # (n, 3, S, S), (n, 1, S, S)
+        planes = model.encode(torch.stack([x["image"] for x in items]), torch.stack([x["depth"] for x in items]))
+        rows.append(model.render_view(planes, yaw, pitch, held_out.image_size, n_coarse=n_samples, n_fine=n_samples))
+    cells = [torch.stack([rgb, colorize_depth(depth)], 1).flatten(0, 1) for rgb, depth in rows]  # (2 scenes, 3, S, S)
+    save_grid(torch.cat(cells), path, nrow=2 * scenes)
+
+
+def _ablation_run(name, seed, args):
+    """Train and score one variant (skipped when its eval.json exists); returns its eval.json as a dict."""
+    import json
+    run_dir = os.path.join(args.out_dir, f"v{list(ABLATIONS).index(name)}_seed{seed}")
+    eval_path = os.path.join(run_dir, "eval.json")
+    if not os.path.exists(eval_path):
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # an unfinished run: start it again
+            os.remove(os.path.join(run_dir, "ckpt.pt"))
+        os.makedirs(run_dir, exist_ok=True)
+        _run_script(["train.py", "--max_steps", str(args.steps), "--seed", str(seed), "--out_dir", run_dir,
+                     "--sample_every", str(args.steps), "--save_every", str(args.steps)]
+                    + ABLATIONS[name] + args.extra.split(), os.path.join(run_dir, "train.log"))
+        _run_script(["evaluate.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--scenes", str(args.eval_scenes)]
+                    + args.eval_extra.split(), os.path.join(run_dir, "eval.log"))
+    with open(eval_path) as f:
+        return json.load(f)
+
+
+def _ablation_markdown(table, args, wall_s):
+    header = ["variant", "PSNR canonical", "PSNR novel", "depth err. novel", "opacity ±30° (min)", "NFS",
+              "mean-colour image (canon.)", "static (novel)", "warp (novel)", "static depth err."]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, row in table.items():
+        cells = [f"{row[k]['mean']:.2f} ± {row[k]['half_range']:.2f}" if "psnr" in k or k == "nfs"
+                 else f"{row[k]['mean']:.3f} ± {row[k]['half_range']:.3f}" for k in ABLATION_COLUMNS]
+        lines.append("| " + " | ".join([name] + cells) + " |")
+    note = (f"\n{args.steps} steps per run, seeds {' '.join(map(str, args.seeds))} (held-out scenes: seed + 1, "
+            f"{args.eval_scenes} per run); mean ± half the range over the seeds. Baseline columns score the "
+            f"input itself on the same pixels. Wall time {wall_s} s.\n")
+    return "\n".join(lines) + "\n" + note
+
+
 def bench_ablate(args):
     """Train every variant of ABLATIONS for the same steps on the same scenes (one run per seed),
-    score each with `evaluate.py` (its eval.json beside the checkpoint) and write a markdown table and a
-    JSON file."""
-    import json
+    score each with `evaluate.py` (its eval.json beside the checkpoint) and write a markdown table, a
+    JSON file and a picture (ablation_picture of PICTURE_VARIANTS)."""
     from tqdm import tqdm
     names = list(ABLATIONS)
     if args.variants:
@@ -261,46 +317,27 @@ def bench_ablate(args):
     results = {name: [] for name in names}
     t_start = time.time()
     for name, seed in tqdm(runs, desc="ablate"):
-        run_dir = os.path.join(args.out_dir, f"v{list(ABLATIONS).index(name)}_seed{seed}")
-        eval_path = os.path.join(run_dir, "eval.json")
-        if not os.path.exists(eval_path):
-            if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # an unfinished run: start it again
-                os.remove(os.path.join(run_dir, "ckpt.pt"))
-            os.makedirs(run_dir, exist_ok=True)
-            _run_script(["train.py", "--max_steps", str(args.steps), "--seed", str(seed), "--out_dir", run_dir,
-                         "--sample_every", str(args.steps), "--save_every", str(args.steps)]
-                        + ABLATIONS[name] + args.extra.split(), os.path.join(run_dir, "train.log"))
-            _run_script(["evaluate.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--scenes", str(args.eval_scenes)]
-                        + args.eval_extra.split(),
-                        os.path.join(run_dir, "eval.log"))
-        with open(eval_path) as f:
-            results[name].append(json.load(f))
+        results[name].append(_ablation_run(name, seed, args))
     table = {}
-    for name in names:
-        runs_ = results[name]
+    for name, evals in results.items():
         row = {}
         for key in ABLATION_COLUMNS:
-            values = [r[key] for r in runs_]
+            values = [r[key] for r in evals]
             row[key] = dict(mean=statistics.mean(values), half_range=(max(values) - min(values)) / 2, runs=values)
-        row["per_view_psnr"] = {view: statistics.mean(r["per_view"][view]["psnr"] for r in runs_)
-                                for view in runs_[0]["per_view"]}
+        row["per_view_psnr"] = {view: statistics.mean(r["per_view"][view]["psnr"] for r in evals)
+                                for view in evals[0]["per_view"]}
         table[name] = row
+    pictured = [n for n in (list(ABLATIONS)[i] for i in PICTURE_VARIANTS) if n in names]
+    ablation_picture([os.path.join(args.out_dir, f"v{list(ABLATIONS).index(n)}_seed{args.seeds[0]}", "ckpt.pt")
+                      for n in pictured], os.path.join(args.out_dir, "ablate.png"))
     meta = dict(steps=args.steps, seeds=args.seeds, eval_scenes=args.eval_scenes, extra=args.extra,
                 overrides={n: ABLATIONS[n] for n in names}, wall_s=round(time.time() - t_start),
-                load_average=os.getloadavg())
+                load_average=os.getloadavg(), picture=dict(file="ablate.png", rows=["truth"] + pictured,
+                                                           view_offset_degrees=[30, 0], seed=args.seeds[0]))
     write_json(dict(meta=meta, table=table), os.path.join(args.out_dir, "ablate.json"))
-    header = ["variant", "PSNR canonical", "PSNR novel", "depth err. novel", "NFS", "mean-colour image (canon.)",
-              "static (novel)", "warp (novel)", "static depth err."]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for name in names:
-        cells = [f"{table[name][k]['mean']:.2f} ± {table[name][k]['half_range']:.2f}" if "psnr" in k or k == "nfs"
-                 else f"{table[name][k]['mean']:.3f} ± {table[name][k]['half_range']:.3f}" for k in ABLATION_COLUMNS]
-        lines.append("| " + " | ".join([name] + cells) + " |")
-    note = (f"\n{args.steps} steps per run, seeds {' '.join(map(str, args.seeds))} (held-out scenes: seed + 1, "
-            f"{args.eval_scenes} per run); mean ± half the range over the seeds. Baseline columns score the "
-            f"input itself on the same pixels. Wall time {meta['wall_s']} s.\n")
-    _write_text(os.path.join(args.out_dir, "ablate.md"), "\n".join(lines) + "\n" + note)
-    print("\n".join(lines) + "\n" + note)
+    text = _ablation_markdown(table, args, meta["wall_s"])
+    _write_text(os.path.join(args.out_dir, "ablate.md"), text)
+    print(text)
 
 
 BENCHMARKS = {

@@ -127,11 +127,12 @@ def _scene_metrics(model, scenes, index, side, render_opts, device):
     for dyaw, dpitch in [(0.0, 0.0)] + NOVEL_VIEWS:
         yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
         true_rgb, true_depth = (x[None].to(device) for x in scenes.render_view(index, yaw, pitch, side))
-        rgb, d = model.render_view(planes, yaw, pitch, side, **render_opts)
+        rgb, d, opacity = model.render_view(planes, yaw, pitch, side, with_opacity=True, **render_opts)
         # Novel views can look past the edge of the scene box, where the truth is empty (depth 0):
-        # every metric is over the pixels where there is something to see.
+        # every metric is over the pixels where there is something to see (opacity: 1 = nothing seen through).
         valid = true_depth > 0                                        # (1, 1, S, S)
         m = dict(psnr=psnr(rgb, true_rgb, valid).item(), depth_mae=depth_mae(d, true_depth, valid),
+                 opacity=opacity[valid].mean().item() if valid.any() else 1.0,
                  psnr_static=psnr(input_rgb, true_rgb, valid).item(),
                  depth_mae_static=depth_mae(input_depth, true_depth, valid))
         warp_rgb, _, _ = forward_warp(input_rgb, input_depth, yaw, pitch)
@@ -167,11 +168,12 @@ def evaluate_reconstruction(model, scenes, resolution=None, n_coarse=64, n_fine=
     canonical = per_view['canonical']
     return dict(psnr_canonical=canonical['psnr'], depth_mae_canonical=canonical['depth_mae'],
                 psnr_novel=novel_mean('psnr'), depth_mae_novel=novel_mean('depth_mae'),
+                opacity_novel=novel_mean('opacity'), opacity_yaw30=min(per_view['yaw-30']['opacity'],
+                                                                      per_view['yaw+30']['opacity']),
                 nfs=non_flatness_score(torch.cat(depths)),
                 psnr_novel_static=novel_mean('psnr_static'), psnr_novel_warp=novel_mean('psnr_warp'),
                 depth_mae_novel_static=novel_mean('depth_mae_static'), psnr_canonical_mean=canonical['psnr_mean'],
-                psnr_canonical_warp=canonical['psnr_warp'],
-                per_view=per_view, scenes=len(scenes),
+                psnr_canonical_warp=canonical['psnr_warp'], per_view=per_view, scenes=len(scenes),
                 novel_views=[[round(y, 4), round(p, 4)] for y, p in NOVEL_VIEWS], resolution=side,
                 samples=[n_coarse, n_fine], seed=scenes.seed,
                 baselines=dict(static='the input image / depth as the novel view',
@@ -448,7 +450,7 @@ def print_table(rows):
             continue
         print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
     if 'per_view' in rows:
-        keys = ['psnr', 'psnr_static', 'psnr_warp', 'psnr_mean', 'depth_mae', 'depth_mae_static']
+        keys = ['psnr', 'psnr_static', 'psnr_warp', 'psnr_mean', 'depth_mae', 'depth_mae_static', 'opacity']
         print(f"{'view':<10}" + ''.join(f"{k:>17}" for k in keys))
         for name, m in rows['per_view'].items():
             print(f"{name:<10}" + ''.join(f"{m[k]:>17.3f}" if k in m else f"{'':>17}" for k in keys))
@@ -468,8 +470,7 @@ def main(argv):
     torch.manual_seed(args.seed)
     if args.mesh:
         args.mesh_res, args.mesh_level = mesh.check_options(args.mesh_res, args.mesh_level)
-    if args.fid:
-        args.rgbd_ckpt = args.rgbd_ckpt or 'out-rgbd/ckpt.pt'
+    args.rgbd_ckpt = args.rgbd_ckpt or ('out-rgbd/ckpt.pt' if args.fid else None)
     denoiser = checkpoint.load_denoiser(args.rgbd_ckpt, device, trust=args.trust_checkpoint) if args.rgbd_ckpt else None
     if denoiser is not None and not args.fid and not os.path.isfile(args.ckpt):
         # generative metrics only: an f_rgbd checkpoint and no f_trigen one

@@ -101,14 +101,19 @@ def test_ablate_writes_table_and_json_and_reuses_finished_runs(tmp_path):
     result = json.loads((out / 'ablate.json').read_text())
     assert list(result['table']) == ['full recipe', 'single-resolution sampling, 1 level (Sec. 3.3)']
     for row in result['table'].values():
-        for key in ('psnr_canonical', 'psnr_novel', 'depth_mae_novel', 'nfs', 'psnr_novel_static', 'psnr_novel_warp'):
+        for key in ('psnr_canonical', 'psnr_novel', 'depth_mae_novel', 'opacity_yaw30', 'nfs', 'psnr_novel_static',
+                    'psnr_novel_warp'):
             assert len(row[key]['runs']) == 1 and row[key]['half_range'] == 0, key
     # the variant really changed the model: its checkpoint has one triplane level
     import torch
     ckpt = torch.load(out / 'v4_seed3' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_config']['levels'] == 1
     table = (out / 'ablate.md').read_text()
-    assert '| full recipe |' in table and 'PSNR novel' in table
+    assert '| full recipe |' in table and 'PSNR novel' in table and 'opacity' in table
+    # the picture: a row of truth, then one per pictured variant, each 4 scenes x (RGB, depth) of 32^2 cells
+    from PIL import Image
+    assert result['meta']['picture']['rows'] == ['truth', 'full recipe', 'single-resolution sampling, 1 level (Sec. 3.3)']
+    assert Image.open(out / 'ablate.png').size == (2 + 8 * 34, 2 + 3 * 34)
     # a second call reuses the finished runs instead of training again
     before = (out / 'v0_seed3' / 'ckpt.pt').stat().st_mtime_ns
     r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -63,19 +63,21 @@ def test_eval_writes_the_promised_metrics(ckpts):
     assert r.returncode == 0, r.stderr[-2000:]
     metrics = json.loads((ckpts['trigen'].parent / 'eval.json').read_text())
     for key in ('psnr_canonical', 'depth_mae_canonical', 'psnr_novel', 'depth_mae_novel', 'nfs', 'psnr_novel_static',
-                'psnr_novel_warp', 'depth_mae_novel_static', 'psnr_canonical_mean'):
+                'psnr_novel_warp', 'depth_mae_novel_static', 'psnr_canonical_mean', 'opacity_novel', 'opacity_yaw30'):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key
         assert key in r.stdout
     assert 1 <= metrics['nfs'] <= 64 and metrics['seed'] == 8  # the run's seed (7) + 1
     assert set(metrics['per_view']) == {'canonical', 'yaw-15', 'yaw+15', 'yaw-30', 'yaw+30', 'pitch-10', 'pitch+10'}
     for name, view in metrics['per_view'].items():
-        assert {'psnr', 'depth_mae', 'psnr_static', 'psnr_warp', 'depth_mae_static'} <= set(view), name
+        assert {'psnr', 'depth_mae', 'psnr_static', 'psnr_warp', 'depth_mae_static', 'opacity'} <= set(view), name
+        assert 0 <= view['opacity'] <= 1 + 1e-6, name
     # at the canonical view the input is the truth: leaving it (static) or warping it onto itself is exact
     assert metrics['per_view']['canonical']['psnr_static'] >= 90
     assert metrics['per_view']['canonical']['psnr_warp'] >= 60
     assert metrics['per_view']['canonical']['depth_mae_static'] == 0
     novel = [v for k, v in metrics['per_view'].items() if k != 'canonical']
     assert abs(metrics['psnr_novel_static'] - sum(v['psnr_static'] for v in novel) / 6) < 1e-9
+    assert metrics['opacity_yaw30'] == min(metrics['per_view'][v]['opacity'] for v in ('yaw-30', 'yaw+30'))
 
 
 def test_masked_psnr():

@@ -225,3 +225,18 @@ def test_eval_on_a_g3dr_s_renders(tmp_path):
     with pytest.raises(ValueError, match='takes 16'):
         train_sr.main(TINY + ['--eval', '--sr_ckpt', str(tmp_path / 'sr.pt'), '--out_dir', str(tmp_path),
                               '--trigen_ckpt', str(tmp_path / 'g3dr.pt'), '--low_size', '8', '--crop', '4'])
+
+
+def test_hard_crops_are_the_candidates_bicubic_misses_most():
+    low, high = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32)
+    lows, highs = train_sr.random_crops(low, high, 6, 3, torch.Generator().manual_seed(0), candidates=4)
+    assert lows.shape == (6, 3, 6, 6) and highs.shape == (6, 3, 12, 12)
+    # the same 12 candidate corners, scored by brute force: the kept crops are the 3 with the most bicubic error
+    miss = (F.interpolate(low, scale_factor=2, mode='bicubic', align_corners=True) - high).square()
+    corners = torch.randint(11, (2, 12, 2), generator=torch.Generator().manual_seed(0)).tolist()
+    for b in range(2):
+        energy = torch.stack([miss[b, :, 2 * t:2 * t + 12, 2 * u:2 * u + 12].sum() for t, u in corners[b]])
+        expected = [corners[b][i] for i in energy.topk(3).indices.tolist()]
+        assert torch.equal(highs[3 * b:3 * b + 3], torch.stack([high[b, :, 2 * t:2 * t + 12, 2 * u:2 * u + 12]
+                                                                for t, u in expected]))
+        assert torch.equal(lows[3 * b:3 * b + 3], torch.stack([low[b, :, t:t + 6, u:u + 6] for t, u in expected]))

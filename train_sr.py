@@ -9,7 +9,8 @@ Train the 2x super-resolution network (sr.py; paper Sec. 3.5).
 Training pairs. Synthetic: the scenes render their true image at any resolution, so low = the 64 x 64
 render of a view and high = the 128 x 128 render of the same view, for views around the canonical one
 (yaw and pitch offsets as train.py's novel views at the end of its curriculum, plus exact canonical ones),
-drawn fresh every step (4 a step); the network trains on random 32 x 32 crops of them (8 per view), flipped.
+drawn fresh every step (4 a step); the network trains on 24 x 24 crops of them, flipped: of 64 random crops
+of a view, the 8 where bicubic upsampling misses most (random_crops; the error of a render sits at its edges).
 ImageNet: high = the centred square of a photo Lanczos-resized to 256, low = the same square resized to
 128: the antialiased resize that made f_trigen's 128 x 128 training images (data.crop_and_resize).
 No depth maps are needed.
@@ -51,8 +52,10 @@ config = dict(
     eval_dir='',             # imagenet: optional held-out photos for the PSNR measurement
     num_scenes=20_000,       # synthetic: training scenes (views are drawn fresh every step)
     low_size=64,             # side of the input images; the network outputs 2 x low_size
-    crop=32,                 # train on random low_size crops of this side (and the matching 2x crops); 0: whole images
+    crop=24,                 # train on random low_size crops of this side (and the matching 2x crops); 0: whole images
     crops_per_image=8,       # crops taken from each image of a batch
+    crop_candidates=8,       # > 1: the crops are the crops_per_image of this many times as many random ones
+                             # where bicubic misses most (random_crops); 1: uniformly random crops
     p_canonical=0.25,        # synthetic: fraction of the training views that are the canonical one
     yaw_div=6.0,             # synthetic: yaw = pi/2 + U(-1, 1) pi / yaw_div (train.py's widest novel views)
     pitch_div=18.0,          # synthetic: pitch = pi/2 + U(-1, 1) pi / pitch_div
@@ -63,7 +66,7 @@ config = dict(
     # network and optimisation
     preset='cpu',            # sr.SR_PRESETS: 'cpu' (32 channels, 2 x 3 blocks) or 'imagenet' (64, 5 x 10)
     loss='l2',               # 'l2' or 'l1' (see the module docstring)
-    max_steps=1600,          # about 7 minutes on 2 CPU cores (0.26 s a step)
+    max_steps=1800,          # about 9 minutes on 2 CPU cores (0.28 s a step)
     batch_size=4,            # images (views) per process and step; the step trains on batch_size x crops_per_image crops
     lr=3e-3,
     beta2=0.99,
@@ -90,8 +93,8 @@ RECIPES = {
     'synthetic': {},
     # 128 -> 256 on a GPU. Sizes and lr in the range of RCAN's (which trained 1000 epochs of 48 x 48 patches,
     # batch 16, lr 1e-4); the authors' SR schedule is not known.
-    'imagenet': dict(preset='imagenet', low_size=128, crop=48, crops_per_image=1, loss='l1', max_steps=200_000,
-                     batch_size=16, lr=2e-4, warmup_frac=0.01, grad_clip=0.0, sample_every=2000, save_every=2000,
+    'imagenet': dict(preset='imagenet', low_size=128, crop=48, crops_per_image=1, crop_candidates=1, loss='l1',
+                     max_steps=200_000, batch_size=16, lr=2e-4, warmup_frac=0.01, grad_clip=0.0, sample_every=2000, save_every=2000,
                      num_workers=8),
 }
 
@@ -103,8 +106,8 @@ def parse_config(argv, base=None):
         raise ConfigError(f"--preset must be one of {sorted(SR_PRESETS)}, got {cfg['preset']!r}")
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir'] and not cfg['eval']:
         raise ConfigError("--dataset imagenet needs --data_dir PATH (a folder of photos)")
-    for key in ('max_steps', 'batch_size', 'low_size', 'crops_per_image', 'save_every', 'sample_every', 'log_every',
-                'eval_scenes'):
+    for key in ('max_steps', 'batch_size', 'low_size', 'crops_per_image', 'crop_candidates', 'save_every',
+                'sample_every', 'log_every', 'eval_scenes'):
         if cfg[key] <= 0:
             raise ConfigError(f"--{key} must be positive, got {cfg[key]}")
     if not 0 <= cfg['crop'] <= cfg['low_size']:
@@ -165,15 +168,29 @@ class PhotoPairs(torch.utils.data.Dataset):
         return dict(low=square_resize(image, self.low_size), high=square_resize(image, 2 * self.low_size))
 
 
-def random_crops(low, high, crop, per_image, gen):
+def random_crops(low, high, crop, per_image, gen, candidates=1, align_corners=True):
     """per_image random crops of side `crop` from each low image (B, 3, S, S) and the same region, 2 crop
     wide, of its high image: (B * per_image, 3, crop, crop) and (B * per_image, 3, 2 crop, 2 crop).
     A low pixel i covers high pixels 2i and 2i + 1 on both grid conventions, up to the sub-pixel shift
-    that the network learns (sr.py)."""
+    that the network learns (sr.py).
+
+    candidates > 1: of candidates x per_image random crops of an image, keep the per_image where bicubic
+    upsampling (on the `align_corners` grid, as SRNet's skip) misses most, in squared error. On renders
+    the error sits at edges (on held-out views 5% of the pixels hold 97% of it), and elsewhere the
+    network's residual is already near zero, so crops of smooth shading teach it little."""
     S = low.shape[-1]
-    offsets = torch.randint(S - crop + 1, (low.shape[0], per_image, 2), generator=gen).tolist()
+    offsets = torch.randint(S - crop + 1, (low.shape[0], candidates * per_image, 2), generator=gen)  # (B, n, 2)
+    if candidates > 1:
+        miss = (F.interpolate(low, scale_factor=2, mode='bicubic', align_corners=align_corners) - high).square()
+        table = F.pad(miss.sum(1).cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, 2S + 1, 2S + 1) summed-area table
+        b = torch.arange(low.shape[0])[:, None]
+        top, left = 2 * offsets[..., 0], 2 * offsets[..., 1]             # (B, n) crop corners on the high grid
+        bottom, right = top + 2 * crop, left + 2 * crop
+        energy = table[b, bottom, right] - table[b, top, right] - table[b, bottom, left] + table[b, top, left]
+        keep = energy.topk(per_image, dim=1).indices                    # (B, per_image)
+        offsets = offsets.gather(1, keep[..., None].expand(-1, -1, 2))
     lows, highs = [], []
-    for b, image_offsets in enumerate(offsets):
+    for b, image_offsets in enumerate(offsets.tolist()):
         for top, left in image_offsets:
             lows.append(low[b, :, top:top + crop, left:left + crop])
             highs.append(high[b, :, 2 * top:2 * (top + crop), 2 * left:2 * (left + crop)])
@@ -187,7 +204,8 @@ def augment(low, high, step, rank, cfg):
     flip = (torch.rand(low.shape[0], generator=gen) < 0.5).view(-1, 1, 1, 1)
     low, high = torch.where(flip, low.flip(-1), low), torch.where(flip, high.flip(-1), high)
     if cfg['crop']:
-        low, high = random_crops(low, high, cfg['crop'], cfg['crops_per_image'], gen)
+        low, high = random_crops(low, high, cfg['crop'], cfg['crops_per_image'], gen, cfg['crop_candidates'],
+                                 align_corners=cfg['dataset'] == 'synthetic')
     return low, high
 
 
