@@ -259,23 +259,27 @@ def ablation_picture(ckpts, path, scenes=4, n_samples=64):
     from sample import HELDOUT_SEED, load_model
     from scenes import SyntheticScenes
     yaw, pitch = CANONICAL_YAW + PICTURE_VIEW[0], CANONICAL_PITCH + PICTURE_VIEW[1]
-    held_out, rows = None, []
-    for ckpt in ckpts:
-        model, _ = load_model(ckpt, False, "cpu")
-        if held_out is None:
-            held_out = SyntheticScenes(scenes, image_size=model.config["image_size"], seed=HELDOUT_SEED)
-            items = [held_out[i] for i in range(scenes)]
-            rows.append(held_out.render_views(list(range(scenes)), yaw, pitch))  # (n, 3, S, S), (n, 1, S, S)
-        planes = model.encode(torch.stack([x["image"] for x in items]), torch.stack([x["depth"] for x in items]))
-        rows.append(model.render_view(planes, yaw, pitch, held_out.image_size, n_coarse=n_samples, n_fine=n_samples))
+    models = [load_model(ckpt, False, "cpu")[0] for ckpt in ckpts]
+    held_out = SyntheticScenes(scenes, image_size=models[0].config["image_size"], seed=HELDOUT_SEED)
+    items = [held_out[i] for i in range(scenes)]
+    image, depth = torch.stack([x["image"] for x in items]), torch.stack([x["depth"] for x in items])  # canonical
+    rows = [held_out.render_views(list(range(scenes)), yaw, pitch)]  # the truth: (n, 3, S, S), (n, 1, S, S)
+    for model in models:
+        rows.append(model.render_view(model.encode(image, depth), yaw, pitch, held_out.image_size,
+                                      n_coarse=n_samples, n_fine=n_samples))
     cells = [torch.stack([rgb, colorize_depth(depth)], 1).flatten(0, 1) for rgb, depth in rows]  # (2 scenes, 3, S, S)
     save_grid(torch.cat(cells), path, nrow=2 * scenes)
+
+
+def _run_dir(name, seed, args):
+    """The folder of one variant's run with one seed."""
+    return os.path.join(args.out_dir, f"v{list(ABLATIONS).index(name)}_seed{seed}")
 
 
 def _ablation_run(name, seed, args):
     """Train and score one variant (skipped when its eval.json exists); returns its eval.json as a dict."""
     import json
-    run_dir = os.path.join(args.out_dir, f"v{list(ABLATIONS).index(name)}_seed{seed}")
+    run_dir = _run_dir(name, seed, args)
     eval_path = os.path.join(run_dir, "eval.json")
     if not os.path.exists(eval_path):
         if os.path.exists(os.path.join(run_dir, "ckpt.pt")):  # an unfinished run: start it again
@@ -328,8 +332,8 @@ def bench_ablate(args):
                                 for view in evals[0]["per_view"]}
         table[name] = row
     pictured = [n for n in (list(ABLATIONS)[i] for i in PICTURE_VARIANTS) if n in names]
-    ablation_picture([os.path.join(args.out_dir, f"v{list(ABLATIONS).index(n)}_seed{args.seeds[0]}", "ckpt.pt")
-                      for n in pictured], os.path.join(args.out_dir, "ablate.png"))
+    ablation_picture([os.path.join(_run_dir(n, args.seeds[0], args), "ckpt.pt") for n in pictured],
+                     os.path.join(args.out_dir, "ablate.png"))
     meta = dict(steps=args.steps, seeds=args.seeds, eval_scenes=args.eval_scenes, extra=args.extra,
                 overrides={n: ABLATIONS[n] for n in names}, wall_s=round(time.time() - t_start),
                 load_average=os.getloadavg(), picture=dict(file="ablate.png", rows=["truth"] + pictured,

@@ -112,7 +112,8 @@ def test_ablate_writes_table_and_json_and_reuses_finished_runs(tmp_path):
     assert '| full recipe |' in table and 'PSNR novel' in table and 'opacity' in table
     # the picture: a row of truth, then one per pictured variant, each 4 scenes x (RGB, depth) of 32^2 cells
     from PIL import Image
-    assert result['meta']['picture']['rows'] == ['truth', 'full recipe', 'single-resolution sampling, 1 level (Sec. 3.3)']
+    assert result['meta']['picture']['rows'] == ['truth', 'full recipe',
+                                                 'single-resolution sampling, 1 level (Sec. 3.3)']
     assert Image.open(out / 'ablate.png').size == (2 + 8 * 34, 2 + 3 * 34)
     # a second call reuses the finished runs instead of training again
     before = (out / 'v0_seed3' / 'ckpt.pt').stat().st_mtime_ns

@@ -52,7 +52,7 @@ config = dict(
     eval_dir='',             # imagenet: optional held-out photos for the PSNR measurement
     num_scenes=20_000,       # synthetic: training scenes (views are drawn fresh every step)
     low_size=64,             # side of the input images; the network outputs 2 x low_size
-    crop=24,                 # train on random low_size crops of this side (and the matching 2x crops); 0: whole images
+    crop=24,                 # train on low_size crops of this side (and the matching 2x crops); 0: whole images
     crops_per_image=8,       # crops taken from each image of a batch
     crop_candidates=8,       # > 1: the crops are the crops_per_image of this many times as many random ones
                              # where bicubic misses most (random_crops); 1: uniformly random crops
@@ -94,8 +94,8 @@ RECIPES = {
     # 128 -> 256 on a GPU. Sizes and lr in the range of RCAN's (which trained 1000 epochs of 48 x 48 patches,
     # batch 16, lr 1e-4); the authors' SR schedule is not known.
     'imagenet': dict(preset='imagenet', low_size=128, crop=48, crops_per_image=1, crop_candidates=1, loss='l1',
-                     max_steps=200_000, batch_size=16, lr=2e-4, warmup_frac=0.01, grad_clip=0.0, sample_every=2000, save_every=2000,
-                     num_workers=8),
+                     max_steps=200_000, batch_size=16, lr=2e-4, warmup_frac=0.01, grad_clip=0.0, sample_every=2000,
+                     save_every=2000, num_workers=8),
 }
 
 
