@@ -307,22 +307,21 @@ def mesh_accuracy(vertices, faces, scenes, index, resolution=256):
 
 
 @torch.no_grad()
-def evaluate_meshes(model, scenes, mesh_res=mesh.MESH_RES, mesh_level=None, device='cpu'):
+def evaluate_meshes(model, scenes, mesh_res=mesh.MESH_RES, mesh_level='depth', device='cpu'):
     """Mesh accuracy (mesh_accuracy) on held-out `scenes` -> metrics dict with a row per scene."""
     rows = []
     for k in tqdm(range(len(scenes)), desc='mesh eval'):
         item = scenes[k]
         start = time.perf_counter()
         planes = model.encode(item['image'][None].to(device), item['depth'][None].to(device))
-        grid = mesh.triplane_density_grid(model, planes, mesh_res, progress=False)
-        m = mesh.extract_mesh(mesh.scene_field(model, planes), mesh_res, mesh_level, grid, device)
+        m = mesh.mesh_of(model, planes, mesh_res, mesh_level, device, progress=False)
         seconds = time.perf_counter() - start
         completeness, precision = mesh_accuracy(m['vertices'], m['faces'], scenes, k)
         rows.append(dict(scene=k, completeness=completeness, precision=precision, level=m['level'],
                          vertices=len(m['vertices']), seconds=seconds))
     mean = lambda key: _mean([r[key] for r in rows])
     return dict(completeness=mean('completeness'), precision=mean('precision'), seconds_per_scene=mean('seconds'),
-                mesh_res=mesh_res, level=mesh_level or 'auto', scenes=len(rows), seed=scenes.seed,
+                mesh_res=mesh_res, level='auto' if mesh_level is None else mesh_level, scenes=len(rows), seed=scenes.seed,
                 front_views=[[round(y, 4), round(p, 4)] for y, p in FRONT_VIEWS], per_scene=rows)
 
 
@@ -419,7 +418,8 @@ def parse_args(argv):
     p.add_argument('--n_fine', type=int, default=64)
     p.add_argument('--mesh', action='store_true', help='mesh accuracy on the held-out scenes -> mesh_eval.json')
     p.add_argument('--mesh_res', default=256, help='--mesh: marching-cubes grid points per side of the box')
-    p.add_argument('--mesh_level', default='auto', help='--mesh: iso-level, a density, or auto (see mesh.auto_level)')
+    p.add_argument('--mesh_level', default='depth', help='--mesh: depth (mesh.fused_grid), auto (mesh.auto_level) '
+                   'or a density')
     p.add_argument('--rgbd_ckpt', default=None, help='f_rgbd checkpoint (train_rgbd.py): adds its generative metrics')
     p.add_argument('--per_class', type=int, default=4, help='f_rgbd vs held-out scenes: samples per class')
     p.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance scale')

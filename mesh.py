@@ -3,13 +3,18 @@ Meshes and point clouds from a reconstruction, in the scene's own coordinates (r
 [-1, 1]^3, the canonical camera at (-5, 0, 0) looking along +x, +y up).
 
     field = scene_field(model, model.encode(image, depth))      # one scene's triplane field
-    mesh = extract_mesh(field, resolution=256)                  # marching cubes at the automatic level
+    mesh = extract_mesh(field, resolution=256, level='depth')   # the surfaces the canonical render shows
     save_ply('scene.ply', mesh['vertices'], mesh['colors'], mesh['faces'])
     points, colors = canonical_points(field, 64)                # the canonical view as 3D points
 
-The mesh is marching cubes (PyMCubes) over the density of the field sampled on a grid over the box, the
-grid queried a slab at a time so memory stays bounded at any resolution; vertex colours are the colour
-field at the vertices. The iso-level is automatic (`auto_level`, the rule is in its docstring) or given.
+A mesh is marching cubes (PyMCubes) over a grid over the box, queried a slab at a time so memory stays
+bounded at any resolution; vertex colours are the colour field at the vertices. What the grid holds is the
+rule that decides what is exported:
+  'depth' (the default)  the signed distance to the surfaces of the rendered canonical depth (fused_grid):
+                         the mesh is what the reconstruction shows from the input camera, solid behind it,
+                         and nothing where that camera never looks;
+  None ('auto') / sigma  the field's density, at the automatic iso-level (auto_level) or at a given one:
+                         the whole field, also where nothing constrains it.
 The volume outside the box counts as empty, so every mesh is closed: what the box cuts is capped at its
 faces. `python mesh.py view scene_0.ply scene_0.png` draws a PLY with the small rasteriser below.
 sample.py --mesh / --points writes these files; evaluate.py --mesh scores them against the synthetic
@@ -39,14 +44,17 @@ PLY_COMMENT = "G3DR reconstruction: scene box [-1,1]^3, canonical camera at (-5,
 
 
 def check_options(resolution, level):
-    """--mesh_res and --mesh_level as given on the command line (strings or numbers) -> (int, float or
-    None for automatic); a ValueError naming the value otherwise."""
+    """--mesh_res and --mesh_level as given on the command line (strings or numbers) -> (int, 'depth'
+    (fused rendered depth, the default), None (the automatic iso-level) or a float density); a ValueError
+    naming the value otherwise."""
     try:
         res = int(str(resolution))
     except ValueError:
         res = None
     if res is None or not 8 <= res <= MAX_MESH_RES:
         raise ValueError(f"--mesh_res must be an integer from 8 to {MAX_MESH_RES}, got {resolution!r}")
+    if str(level) == 'depth':
+        return res, 'depth'
     if level is None or str(level) == 'auto':
         return res, None
     try:
@@ -54,7 +62,7 @@ def check_options(resolution, level):
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"--mesh_level must be a positive density (or 'auto'), got {level!r}")
+        raise ValueError(f"--mesh_level must be 'depth', 'auto' or a positive density, got {level!r}")
     return res, value
 
 
@@ -96,8 +104,9 @@ def _query(field, points, batch=QUERY_POINTS):
 # The iso-level
 
 @torch.no_grad()
-def _render_canonical(field, resolution, n_coarse, n_fine, device):
-    yaw, pitch = CANONICAL_YAW, CANONICAL_PITCH
+def _render_canonical(field, resolution, n_coarse, n_fine, device, yaw=CANONICAL_YAW, pitch=CANONICAL_PITCH):
+    """A deterministic render of the field from (yaw, pitch), the canonical camera by default: rays_o, rays_d
+    (S*S, 3) and render_rays' outputs (batch 1)."""
     rays_o, rays_d = get_rays(orbit_camera(yaw, pitch).to(device), FOV_DEGREES, resolution)  # (1, S*S, 3)
     out = render_rays(field, rays_o, rays_d, n_coarse=n_coarse, n_fine=n_fine, perturb=False, chunk=4096)
     return rays_o[0], rays_d[0], out
@@ -137,6 +146,56 @@ def auto_level(field, resolution=64, n_coarse=64, n_fine=64, device='cpu'):
     t_cross = torch.where(reached.any(-1), t_mid.gather(1, first.t()).t(), torch.full_like(t_half[:, 0], 1e3))
     error = (t_cross - t_half[:, 0]).abs().median(-1).values  # (L,)
     return float(candidates[error.argmin()]), int(opaque.sum())
+
+
+# -----------------------------------------------------------------------------
+# The default rule: the surfaces the renders show (fused rendered depth)
+
+FUSION_VIEWS = ((0.0, 0.0),)   # (yaw, pitch) offsets from the canonical camera of the fused depth maps
+FUSION_TRUNCATION = 0.1        # scene units: how far behind a rendered surface a view still speaks for a point
+
+
+@torch.no_grad()
+def fused_grid(field, resolution=MESH_RES, views=FUSION_VIEWS, truncation=FUSION_TRUNCATION, n_coarse=64,
+               n_fine=64, device='cpu', progress=True):
+    """Truncated signed distance to the rendered surfaces of `views`, fused, at the grid points of
+    density_grid: (resolution,) * 3 float32 numpy, > 0 behind the surfaces (inside), < 0 in front of them.
+
+    Each view is rendered at resolution x resolution; its depth d at a pixel is where its ray stops (the
+    expected distance; no surface where the ray is at most half opaque). A grid point at distance r from
+    the camera of a view whose frustum holds it, at a pixel with depth d, gets clamp((r - d) / truncation,
+    -1, 1) from that view if r < d + truncation (in front of the surface, or just behind it); the value is
+    the mean over those views (TSDF fusion, as KinectFusion). A point that views hold but that lies more
+    than `truncation` behind all their surfaces is inside (1); a point no view holds is empty (-1): the
+    mesh is what the renders show, and the field where no view looks stays out."""
+    depths = []
+    for dyaw, dpitch in views:
+        yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
+        _, _, out = _render_canonical(field, resolution, n_coarse, n_fine, device, yaw, pitch)
+        depth = torch.where(out['opacity'][0, :, 0] > 0.5, out['depth'][0, :, 0], math.inf)  # (S*S,)
+        depths.append((yaw, pitch, orbit_camera(yaw, pitch)[0, :3, 3].to(device), depth.view(resolution, resolution)))
+    axis = _grid_axis(resolution, device)
+    yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
+    grid = np.empty((resolution,) * 3, dtype=np.float32)
+    slabs = max(1, QUERY_POINTS // len(yz))
+    for i in tqdm(range(0, resolution, slabs), desc=f"fused depth {resolution}^3", leave=False, disable=not progress):
+        x = axis[i:i + slabs]
+        points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
+        total, count = torch.zeros(len(points), device=device), torch.zeros(len(points), device=device)
+        held = torch.zeros(len(points), dtype=torch.bool, device=device)
+        for yaw, pitch, origin, depth in depths:
+            pixel, _ = project(points, yaw, pitch, resolution)          # (N, 2) col, row
+            pixel = pixel.round().long()
+            inside = ((pixel >= 0) & (pixel < resolution)).all(-1)       # in the view's frustum
+            col, row = pixel.clamp(0, resolution - 1).unbind(-1)
+            behind = (points - origin).norm(dim=-1) - depth[row, col]     # r - d
+            speaks = inside & (behind < truncation)
+            total += torch.where(speaks, (behind / truncation).clamp(-1, 1), 0.0)
+            count += speaks
+            held |= inside
+        value = torch.where(count > 0, total / count.clamp_min(1), torch.where(held, 1.0, -1.0))
+        grid[i:i + len(x)] = value.view(len(x), resolution, resolution).cpu().numpy()
+    return grid
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +274,18 @@ def extract_mesh(field, resolution=MESH_RES, level=None, grid=None, device='cpu'
                  level_resolution=64):
     """field of scene_field (or any field(points (1, M, 3)) -> (rgb, raw density)) -> dict with
     vertices (V, 3) float32 in scene coordinates, faces (F, 3) int32, colors (V, 3) uint8 (the colour
-    field at the vertices), level (the density sigma of the surface) and level_rule ('auto' or 'given').
+    field at the vertices), level and level_rule. level 'depth': the surfaces of the rendered depth
+    (fused_grid; level_rule 'depth', level 0, the zero crossing); None: the density iso-surface at
+    auto_level's level ('auto'); a float: at that density sigma ('given').
     grid: the field's density_grid at this resolution when it is already known (triplane_density_grid)."""
+    if level == 'depth':
+        fused = fused_grid(field, resolution, device=device, progress=progress)
+        if not fused.max() > 0:
+            raise ValueError("no surface to mesh: the rendered view is nowhere more than half opaque; "
+                             "pass --mesh_level auto or a density")
+        vertices, faces = _marching_cubes(fused, 0.0)
+        return dict(vertices=vertices, faces=faces, colors=_vertex_colors(field, vertices, device), level=0.0,
+                    level_rule='depth')
     rule = 'given'
     if level is None:
         level, _ = auto_level(field, level_resolution, device=device)
@@ -230,9 +299,22 @@ def extract_mesh(field, resolution=MESH_RES, level=None, grid=None, device='cpu'
         raise ValueError(f"no surface at density level {level:.4g}: the field's density lies in "
                          f"[{lo:.4g}, {hi:.4g}]; pass a --mesh_level inside it")
     vertices, faces = _marching_cubes(grid, level_raw)
+    return dict(vertices=vertices, faces=faces, colors=_vertex_colors(field, vertices, device), level=level,
+                level_rule=rule)
+
+
+def _vertex_colors(field, vertices, device):
+    """The colour field at the vertices (V, 3) -> (V, 3) uint8."""
     rgb, _ = _query(field, torch.from_numpy(vertices).to(device))
-    colors = (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return dict(vertices=vertices, faces=faces, colors=colors, level=level, level_rule=rule)
+    return (rgb.clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+@torch.no_grad()
+def mesh_of(model, planes, resolution=MESH_RES, level='depth', device='cpu', progress=True):
+    """extract_mesh of one encoded scene (planes (1, 3, C, H, W)), with the fast density grid
+    (triplane_density_grid) where the rule needs densities."""
+    grid = None if level == 'depth' else triplane_density_grid(model, planes, resolution, progress)
+    return extract_mesh(scene_field(model, planes), resolution, level, grid, device, progress)
 
 
 @torch.no_grad()

@@ -52,8 +52,9 @@ def parse_args(argv):
     p.add_argument('--mesh', action='store_true', help='write a vertex-coloured mesh per input instead of pictures: '
                    'scene_K.ply / NAME.ply (mesh.py; its accuracy: evaluate.py --mesh)')
     p.add_argument('--mesh_res', default=256, help='--mesh: marching-cubes grid points per side of the box')
-    p.add_argument('--mesh_level', default='auto', help='--mesh: iso-level, a density; auto: the median density '
-                   'where the canonical view\'s transmittance falls to 1/2')
+    p.add_argument('--mesh_level', default='depth', help='--mesh: which surface. depth: where the rendered canonical '
+                   'view puts it (mesh.fused_grid); auto: a density iso-surface at the density where canonical '
+                   'rays stop (mesh.auto_level); or a density')
     p.add_argument('--points', action='store_true', help='write the canonical view as a coloured point cloud '
                    '(NAME_points.ply)')
     p.add_argument('--sr_ckpt', default='', help='a 2x super-resolution checkpoint (train_sr.py): also write every '
@@ -148,14 +149,15 @@ def write_meshes(model, items, out_dir, args, device='cpu'):
         planes = model.encode(image.to(device), depth.to(device))
         field = mesh.scene_field(model, planes)
         if args.mesh:
-            grid = mesh.triplane_density_grid(model, planes, args.mesh_res)
-            m = mesh.extract_mesh(field, args.mesh_res, args.mesh_level, grid, device)
+            m = mesh.mesh_of(model, planes, args.mesh_res, args.mesh_level, device)
             path = os.path.join(out_dir, f"{name}.ply")
             mesh.save_ply(path, m['vertices'], m['colors'], m['faces'])
-            how = 'automatic: the density whose crossings best match where canonical rays stop' \
-                if m['level_rule'] == 'auto' else 'given'
+            how = {'depth': 'the surfaces of the rendered canonical depth',
+                   'auto': f"density iso-level {m['level']:.4g}, automatic: the density whose crossings best "
+                           f"match where canonical rays stop",
+                   'given': f"density iso-level {m['level']:.4g}, given"}[m['level_rule']]
             print(f"wrote {path}: {len(m['vertices']):,} vertices, {len(m['faces']):,} faces, "
-                  f"{args.mesh_res}^3 grid, iso-level {m['level']:.4g} ({how}), {time.perf_counter() - start:.1f} s")
+                  f"{args.mesh_res}^3 grid, {how}, {time.perf_counter() - start:.1f} s")
         if args.points:
             points, colors = mesh.canonical_points(field, args.resolution or image.shape[-1], args.n_coarse,
                                                    args.n_fine, device)

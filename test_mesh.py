@@ -92,6 +92,39 @@ def test_automatic_level_finds_the_surface_and_leaves_fog_out():
     assert edges_are_closed(m['faces']) and abs(np.median(r) - 0.5) < 0.03  # the sphere, not the fog-filled box
 
 
+def test_depth_rule_puts_the_surface_where_the_canonical_render_stops():
+    field = sphere_field(0.5, steepness=2000.0, fog=0.05)  # the fog stays out here too: rays see through it
+    res = 40
+    m = mesh.extract_mesh(field, res, 'depth', progress=False)
+    assert m['level_rule'] == 'depth' and edges_are_closed(m['faces'])
+    v = m['vertices']
+    front = v[(v[:, 0] < -0.3) & (np.abs(v[:, 1:]).max(1) < 0.2)]   # the cap facing the camera at (-5, 0, 0)
+    assert len(front) > 20 and np.abs(np.linalg.norm(front, axis=1) - 0.5).max() < 1.5 * 2 / (res - 1)
+    # behind what the view shows the mesh is solid: nothing is exported beyond the sphere's silhouette
+    # except the extrusion of that silhouette along the rays
+    assert v[:, 0].min() > -0.55 and np.abs(v[:, 1:]).max() < 0.62
+
+
+def test_depth_rule_leaves_out_what_the_camera_never_sees():
+    res = 32
+    # a back wall x > 0.5: the density iso-surface fills the box to its edges, the rendered depth only the
+    # part inside the canonical camera's frustum (half-width tan(9 deg) (x + 5) = 0.87 at x = 0.5)
+    iso = mesh.extract_mesh(half_space_field(0.5), res, float(mesh.sigma_from_raw(torch.tensor(1.0))), progress=False)
+    wall = lambda p, d=None: (torch.full_like(p, 0.5), 1 + 2000 * (p[..., :1] - 0.5))  # hard: rays stop at x = 0.5
+    fused = mesh.extract_mesh(wall, res, 'depth', progress=False)
+    half_width = math.tan(math.radians(mesh.FOV_DEGREES / 2)) * (fused['vertices'][:, 0] + 5)
+    assert np.abs(iso['vertices'][:, 2]).max() > 0.99
+    assert (np.abs(fused['vertices'][:, 1:]).max(1) <= half_width + 2 / (res - 1)).all()
+    assert abs(fused['vertices'][:, 0].min() - 0.5) < 2 / (res - 1)  # the wall's face where the render stops
+
+
+def test_depth_rule_needs_an_opaque_view():
+    with pytest.raises(ValueError, match='--mesh_level'):
+        mesh.extract_mesh(lambda p, d=None: (torch.zeros_like(p), torch.full_like(p[..., :1], -20.0)), 16, 'depth',
+                          progress=False)
+    assert mesh.check_options('64', 'depth') == (64, 'depth') and mesh.check_options(64, 'auto') == (64, None)
+
+
 def test_vertex_colours_are_the_colour_field_at_the_vertices():
     m = mesh.extract_mesh(sphere_field(0.5), 24, float(mesh.sigma_from_raw(torch.tensor(1.0))), progress=False)
     expected = np.round((m['vertices'] + 1) / 2 * 255)
@@ -199,7 +232,7 @@ def test_sample_writes_coloured_meshes_and_point_clouds_of_heldout_scenes(dense_
     r = run('--ckpt', dense_ckpt, '--mesh', '--points', '--mesh_res', 24, '--num_scenes', 2, '--out_dir', tmp_path,
             '--n_coarse', 16, '--n_fine', 16)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert 'iso-level' in r.stdout and 'automatic' in r.stdout
+    assert 'the surfaces of the rendered canonical depth' in r.stdout  # the default rule, named
     for k in range(2):
         vertices, colors, faces = mesh.load_ply(tmp_path / f'scene_{k}.ply')
         assert faces is not None and len(faces) > 0 and colors is not None and len(colors) == len(vertices)

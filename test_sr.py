@@ -55,8 +55,40 @@ def test_untrained_network_is_bicubic():
     for align_corners in (True, False):
         net = sr.SRNet(**dict(sr.SR_PRESETS['cpu'], align_corners=align_corners)).eval()
         x = torch.rand(1, 3, 9, 9)
+        assert torch.equal(net(x), net.bicubic(x).clamp(0, 1))
+        # which is bicubic upsampling on the network's grid (sampled at the exact positions: float rounding)
         bicubic = F.interpolate(x, scale_factor=2, mode='bicubic', align_corners=align_corners)
-        assert torch.equal(net(x), bicubic.clamp(0, 1))
+        assert (net.bicubic(x) - bicubic).abs().max() < 1e-5
+
+
+def test_output_positions_follow_each_grid_convention():
+    # corner-inclusive grids (renders): output pixel j sits at j (S - 1) / (2S - 1); the corners coincide
+    rows = sr.output_positions(8, 4, torch.tensor([0]), True)
+    assert torch.allclose(rows[0], torch.arange(8) * 3 / 7)
+    # a crop keeps the positions of its image: the same pixels, shifted by the crop's origin
+    whole = sr.output_positions(16, 8, torch.tensor([0]), True)[0]
+    crop = sr.output_positions(6, 8, torch.tensor([3]), True)[0]
+    assert torch.allclose(crop, whole[6:12] - 3)
+    # edge-aligned grids (PIL-resized photos): output pixels 2i and 2i + 1 straddle input pixel i
+    assert torch.allclose(sr.output_positions(4, 2, torch.tensor([1]), False)[0],
+                          torch.tensor([-0.25, 0.25, 0.75, 1.25]))
+
+
+def test_a_crop_is_upsampled_as_its_region_of_the_whole_image():
+    # with its origin, a trained network gives a crop the output it gives that region of the whole image,
+    # away from the crop's border (where the convolutions see the crop's zero padding)
+    torch.manual_seed(0)
+    net = sr.SRNet(channels=8, groups=1, blocks=1, reduction=4, align_corners=True)
+    torch.nn.init.normal_(net.tail.weight, std=0.1)                      # not bicubic any more
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        whole = net(x)
+        crop = net(x[..., 4:28, 2:26], torch.tensor([[4, 2]]), (32, 32))
+        shifted = net(x[..., 4:28, 2:26])                                # the crop taken as a whole image
+    inner = (slice(None), slice(None), slice(20, 28), slice(20, 28))
+    region = whole[..., 8:56, 4:52]
+    assert (crop[inner] - region[inner]).abs().max() < 1e-4
+    assert (shifted[inner] - region[inner]).abs().max() > 1e-2
 
 
 def test_bad_inputs_get_one_line_errors():
@@ -109,9 +141,11 @@ def test_pairs_are_the_same_view_at_two_resolutions():
 def test_crops_cover_the_same_region():
     low = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
     high = low.repeat_interleave(2, -1).repeat_interleave(2, -2)           # (2, 3, 12, 12): pixel i -> 2i, 2i+1
-    lows, highs = train_sr.random_crops(low, high, 4, 3, torch.Generator().manual_seed(0))
-    assert lows.shape == (6, 3, 4, 4) and highs.shape == (6, 3, 8, 8)
+    lows, highs, origins = train_sr.random_crops(low, high, 4, 3, torch.Generator().manual_seed(0))
+    assert lows.shape == (6, 3, 4, 4) and highs.shape == (6, 3, 8, 8) and origins.shape == (6, 2)
     assert torch.equal(highs, lows.repeat_interleave(2, -1).repeat_interleave(2, -2))
+    for k, (top, left) in enumerate(origins.tolist()):                      # where each crop came from
+        assert torch.equal(lows[k], low[k // 3, :, top:top + 4, left:left + 4])
 
 
 def test_photo_pairs_use_the_data_pipelines_resize():
@@ -229,7 +263,7 @@ def test_eval_on_a_g3dr_s_renders(tmp_path):
 
 def test_hard_crops_are_the_candidates_bicubic_misses_most():
     low, high = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 32, 32)
-    lows, highs = train_sr.random_crops(low, high, 6, 3, torch.Generator().manual_seed(0), candidates=4)
+    lows, highs, _ = train_sr.random_crops(low, high, 6, 3, torch.Generator().manual_seed(0), candidates=4)
     assert lows.shape == (6, 3, 6, 6) and highs.shape == (6, 3, 12, 12)
     # the same 12 candidate corners, scored by brute force: the kept crops are the 3 with the most bicubic error
     miss = (F.interpolate(low, scale_factor=2, mode='bicubic', align_corners=True) - high).square()
