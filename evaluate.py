@@ -321,8 +321,8 @@ def evaluate_meshes(model, scenes, mesh_res=mesh.MESH_RES, mesh_level='depth', d
                          vertices=len(m['vertices']), seconds=seconds))
     mean = lambda key: _mean([r[key] for r in rows])
     return dict(completeness=mean('completeness'), precision=mean('precision'), seconds_per_scene=mean('seconds'),
-                mesh_res=mesh_res, level='auto' if mesh_level is None else mesh_level, scenes=len(rows), seed=scenes.seed,
-                front_views=[[round(y, 4), round(p, 4)] for y, p in FRONT_VIEWS], per_scene=rows)
+                mesh_res=mesh_res, level='auto' if mesh_level is None else mesh_level, scenes=len(rows),
+                seed=scenes.seed, front_views=[[round(y, 4), round(p, 4)] for y, p in FRONT_VIEWS], per_scene=rows)
 
 
 # -----------------------------------------------------------------------------

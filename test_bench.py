@@ -108,6 +108,10 @@ def test_ablate_writes_table_and_json_and_reuses_finished_runs(tmp_path):
     import torch
     ckpt = torch.load(out / 'v4_seed3' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_config']['levels'] == 1
+    # ... and only that: both rows train the paper's recipe, gradient rescaling on (the synthetic default is off)
+    full = torch.load(out / 'v0_seed3' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['gradient_rescaling'] is True and full['config']['gradient_rescaling'] is True
+    assert full['model_config']['levels'] == 3
     table = (out / 'ablate.md').read_text()
     assert '| full recipe |' in table and 'PSNR novel' in table and 'opacity' in table
     # the picture: a row of truth, then one per pictured variant, each 4 scenes x (RGB, depth) of 32^2 cells

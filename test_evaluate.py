@@ -247,9 +247,12 @@ def test_accuracy_of_the_true_surface_is_near_zero_and_of_a_shifted_one_is_not()
 def test_mesh_eval_writes_mesh_eval_json(ckpts, capsys):
     evaluate.main(['--mesh', '--ckpt', str(ckpts['dense']), '--scenes', '1', '--mesh_res', '16', '--device', 'cpu'])
     metrics = json.loads((ckpts['dense'].parent / 'mesh_eval.json').read_text())
-    assert metrics['scenes'] == 1 and metrics['mesh_res'] == 16 and metrics['level'] == 'auto'
+    assert metrics['scenes'] == 1 and metrics['mesh_res'] == 16 and metrics['level'] == 'depth'  # the default rule
     assert 0 <= metrics['completeness'] < 2 and 0 <= metrics['precision'] < 2 and len(metrics['per_scene']) == 1
     assert 'completeness' in capsys.readouterr().out
+    evaluate.main(['--mesh', '--ckpt', str(ckpts['dense']), '--scenes', '1', '--mesh_res', '16', '--device', 'cpu',
+                   '--mesh_level', 'auto'])
+    assert json.loads((ckpts['dense'].parent / 'mesh_eval.json').read_text())['level'] == 'auto'
 
 
 # -----------------------------------------------------------------------------
