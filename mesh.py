@@ -174,13 +174,8 @@ def fused_grid(field, resolution=MESH_RES, views=FUSION_VIEWS, truncation=FUSION
         _, _, out = _render_canonical(field, resolution, n_coarse, n_fine, device, yaw, pitch)
         depth = torch.where(out['opacity'][0, :, 0] > 0.5, out['depth'][0, :, 0], math.inf)  # (S*S,)
         depths.append((yaw, pitch, orbit_camera(yaw, pitch)[0, :3, 3].to(device), depth.view(resolution, resolution)))
-    axis = _grid_axis(resolution, device)
-    yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
     grid = np.empty((resolution,) * 3, dtype=np.float32)
-    slabs = max(1, QUERY_POINTS // len(yz))
-    for i in tqdm(range(0, resolution, slabs), desc=f"fused depth {resolution}^3", leave=False, disable=not progress):
-        x = axis[i:i + slabs]
-        points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
+    for i, points in _grid_points(resolution, device, f"fused depth {resolution}^3", progress):
         total, count = torch.zeros(len(points), device=device), torch.zeros(len(points), device=device)
         held = torch.zeros(len(points), dtype=torch.bool, device=device)
         for yaw, pitch, origin, depth in depths:
@@ -194,7 +189,7 @@ def fused_grid(field, resolution=MESH_RES, views=FUSION_VIEWS, truncation=FUSION
             count += speaks
             held |= inside
         value = torch.where(count > 0, total / count.clamp_min(1), torch.where(held, 1.0, -1.0))
-        grid[i:i + len(x)] = value.view(len(x), resolution, resolution).cpu().numpy()
+        grid[i:i + len(points) // resolution ** 2] = value.view(-1, resolution, resolution).cpu().numpy()
     return grid
 
 
@@ -205,19 +200,25 @@ def _grid_axis(resolution, device='cpu'):
     return torch.linspace(-BOX_SIZE / 2, BOX_SIZE / 2, resolution, device=device)
 
 
+def _grid_points(resolution, device, desc, progress):
+    """The grid points (x_i, y_j, z_k) = linspace(-1, 1, resolution) of each axis, a few x-slabs at a time
+    (memory stays bounded): yields (i, points (n res^2, 3)) for slabs i .. i + n - 1, in [i, j, k] order."""
+    axis = _grid_axis(resolution, device)
+    yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
+    slabs = max(1, QUERY_POINTS // len(yz))
+    for i in tqdm(range(0, resolution, slabs), desc=desc, leave=False, disable=not progress):
+        x = axis[i:i + slabs]
+        yield i, torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
+
+
 @torch.no_grad()
 def density_grid(field, resolution=MESH_RES, device='cpu', progress=True):
     """Raw density at the grid points (x_i, y_j, z_k) = linspace(-1, 1, resolution) of each axis ->
-    (resolution,) * 3 float32 numpy array indexed [i, j, k]. Queried a few x-slabs at a time."""
-    axis = _grid_axis(resolution, device)
-    yz = torch.stack(torch.meshgrid(axis, axis, indexing='ij'), -1).view(-1, 2)  # (res^2, 2)
+    (resolution,) * 3 float32 numpy array indexed [i, j, k]."""
     grid = np.empty((resolution,) * 3, dtype=np.float32)
-    slabs = max(1, QUERY_POINTS // len(yz))
-    for i in tqdm(range(0, resolution, slabs), desc=f"density {resolution}^3", leave=False, disable=not progress):
-        x = axis[i:i + slabs]
-        points = torch.cat([x.repeat_interleave(len(yz))[:, None], yz.repeat(len(x), 1)], 1)  # (n res^2, 3)
+    for i, points in _grid_points(resolution, device, f"density {resolution}^3", progress):
         _, raw = field(points[None])
-        grid[i:i + len(x)] = raw.view(len(x), resolution, resolution).cpu().numpy()
+        grid[i:i + len(points) // resolution ** 2] = raw.view(-1, resolution, resolution).cpu().numpy()
     return grid
 
 
