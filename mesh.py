@@ -171,9 +171,9 @@ def fused_grid(field, resolution=MESH_RES, views=FUSION_VIEWS, truncation=FUSION
     depths = []
     for dyaw, dpitch in views:
         yaw, pitch = CANONICAL_YAW + dyaw, CANONICAL_PITCH + dpitch
-        _, _, out = _render_canonical(field, resolution, n_coarse, n_fine, device, yaw, pitch)
+        rays_o, _, out = _render_canonical(field, resolution, n_coarse, n_fine, device, yaw, pitch)
         depth = torch.where(out['opacity'][0, :, 0] > 0.5, out['depth'][0, :, 0], math.inf)  # (S*S,)
-        depths.append((yaw, pitch, orbit_camera(yaw, pitch)[0, :3, 3].to(device), depth.view(resolution, resolution)))
+        depths.append((yaw, pitch, rays_o[0], depth.view(resolution, resolution)))  # rays_o[0]: the camera
     grid = np.empty((resolution,) * 3, dtype=np.float32)
     for i, points in _grid_points(resolution, device, f"fused depth {resolution}^3", progress):
         total, count = torch.zeros(len(points), device=device), torch.zeros(len(points), device=device)

@@ -147,7 +147,6 @@ def write_meshes(model, items, out_dir, args, device='cpu'):
     for name, image, depth in items:
         start = time.perf_counter()
         planes = model.encode(image.to(device), depth.to(device))
-        field = mesh.scene_field(model, planes)
         if args.mesh:
             m = mesh.mesh_of(model, planes, args.mesh_res, args.mesh_level, device)
             path = os.path.join(out_dir, f"{name}.ply")
@@ -159,8 +158,8 @@ def write_meshes(model, items, out_dir, args, device='cpu'):
             print(f"wrote {path}: {len(m['vertices']):,} vertices, {len(m['faces']):,} faces, "
                   f"{args.mesh_res}^3 grid, {how}, {time.perf_counter() - start:.1f} s")
         if args.points:
-            points, colors = mesh.canonical_points(field, args.resolution or image.shape[-1], args.n_coarse,
-                                                   args.n_fine, device)
+            points, colors = mesh.canonical_points(mesh.scene_field(model, planes), args.resolution or image.shape[-1],
+                                                   args.n_coarse, args.n_fine, device)
             path = os.path.join(out_dir, f"{name}_points.ply")
             mesh.save_ply(path, points, colors)
             print(f"wrote {path}: {len(points):,} points")
