@@ -280,9 +280,12 @@ def test_terms_and_weights_per_step():
     assert novel[0] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=0.0)          # perceptual from the start
     assert novel[T // 10] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=pytest.approx(0.2))
     assert novel[T // 2] == novel[T - 1] == dict(clip=0.35, vgg=2.0, tv=0.1, opacity=1.0)
-    # the synthetic recipe: no perceptual terms at all, and no opacity term on novel views
+    # the synthetic recipe: no perceptual terms at all, no opacity term on novel views, and the opacity
+    # term at full weight after a tenth of the run instead of half
     cfg = train.parse_config(['--max_steps', '300'])
     assert train.term_weights(299, False, cfg) == dict(rgb=1.0, depth=2.0, opacity=1.0)
+    assert train.term_weights(15, False, cfg)['opacity'] == pytest.approx(0.5)
+    assert train.term_weights(30, False, cfg)['opacity'] == 1.0
     assert train.term_weights(299, True, cfg) == dict(tv=0.1)
 
 
