@@ -97,8 +97,8 @@ def tv_loss(depth):
 
 
 def opacity_loss(opacity):
-    """mean(1 - opacity): pushes every ray to end on a surface; its weight rises
-    linearly from 0 to 1 over the first half of training (the schedule lives in train.py)."""
+    """mean(1 - opacity): pushes every ray to end on a surface; its weight rises linearly from 0 to 1
+    over the first part of training (train.py's opacity_ramp: half as released, a tenth in the synthetic recipe)."""
     return (1 - opacity).mean()
 
 

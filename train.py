@@ -89,10 +89,10 @@ config = dict(
     w_clip_novel=0.0,        # (released 0.35)
     w_vgg_novel=0.0,         # novel views, deepest two VGG levels only (released 2)
     w_tv_novel=0.1,
-    w_opacity=1.0,           # rises linearly from 0 over the first opacity_ramp of training (released: half).
+    w_opacity=1.0,           # rises linearly from 0 over the first opacity_ramp of training
     novel_opacity=False,     # the opacity term on novel steps too (released: True)
-    # Here a tenth: early on the field is half transparent (a 60-step run renders with mean opacity 0.69 after
-    # a half ramp, 0.99 after a tenth, and its canonical PSNR is 16.6 against 19.2 dB)
+    # released: half the run. Here a tenth, because early on the field is half transparent: a 60-step run renders
+    # with mean opacity 0.69 after a half ramp, 0.99 after a tenth, and its canonical PSNR is 16.6 against 19.2 dB
     opacity_ramp=0.1,
     perceptual_start=0.5,    # fraction of training after which w_vgg and w_clip switch on
     # ImageNet: the VGG/CLIP terms compare SR(render) with the photo at twice the size (paper Sec. 3.5: SR "in

@@ -67,7 +67,7 @@ config = dict(
     # network and optimisation
     preset='cpu',            # sr.SR_PRESETS: 'cpu' (32 channels, 2 x 3 blocks) or 'imagenet' (64, 5 x 10)
     loss='l2',               # 'l2' or 'l1' (see the module docstring)
-    max_steps=1800,          # 5.5 minutes on 2 CPU cores (0.18 s a step; 0.28 s on a slower machine)
+    max_steps=1800,          # about 5 minutes on 2 CPU cores (0.16 s a step)
     batch_size=4,            # images (views) per process and step; the step trains on batch_size x crops_per_image crops
     lr=3e-3,
     beta2=0.99,
