@@ -617,7 +617,6 @@ gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, flat)
 if dist.get_rank() == 0:
     json.dump(dict(max_diff=(gathered[0] - gathered[1]).abs().max().item()), open('ranks.json', 'w'))
-dist.barrier()  # both ranks tear gloo down together (as train.py ends): one leaving early could abort the other
 dist.destroy_process_group()
 """
 
