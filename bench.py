@@ -151,7 +151,8 @@ def bench_train(args):
     image_size = args.image_size or MODEL_PRESETS[args.size]["image_size"]
     cfg["image_size"] = image_size
     torch.manual_seed(0)
-    model = G3DR(dict(MODEL_PRESETS[args.size], image_size=image_size, projection=cfg["projection"])).to(device)
+    model = G3DR(dict(MODEL_PRESETS[args.size], image_size=image_size, projection=cfg["projection"],
+                       aligned_plane=cfg["aligned_plane"])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     scenes = SyntheticScenes(cfg["batch_size"], image_size=image_size, seed=0)
     batch = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])

@@ -252,10 +252,29 @@ def make_field(planes_or_pyramid, decoder, levels=3, box_size=2.0, projection="o
 # our state dict and in the authors' (checkpoint.py reads and writes both).
 
 
+def align_yz_plane(plane, radius=CAMERA_RADIUS, fov=FOV_DEGREES, box_size=2.0):
+    """f_trigen's third plane, pixel-aligned with its input image, (B, C, S, S) -> the y-z plane (B, C, S, S)
+    ('yz' projection) with each feature where the canonical camera sees its pixel on the plane x = 0
+    through the box centre.
+
+    Why: a pixel's ray meets the y-z plane coordinates (z, -y) = a * d tan(fov/2) at depth d, for its
+    corner-inclusive image coordinate a in [-1, 1]. Used as it is, the plane puts pixel a at a: for d = 5 that
+    is 1 / (5 tan 9 deg) = 1.26 times too far out (1.6 at the box front), so f_trigen has to learn a
+    depth-dependent shrink of up to 12 pixels before a feature sits under its own pixel. Read at
+    a = p / (radius tan(fov/2)) instead, every texel p holds the feature of the pixel whose ray crosses the
+    box centre's depth there, and the shrink left to learn is d / radius (0.8 - 1.2). Texels outside the
+    canonical view's cone at x = 0 (|p| > 0.79) repeat the image border."""
+    S = plane.shape[-1]
+    texel = (torch.arange(S, device=plane.device, dtype=plane.dtype) * 2 + 1) / S - 1  # texel centres, in [-1, 1]
+    a = texel * (box_size / 2) / (radius * math.tan(math.radians(fov) / 2))  # image coordinate, corners at +-1
+    grid = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).expand(plane.shape[0], S, S, 2)  # (B, S, S, (u, v))
+    return F.grid_sample(plane, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
 MODEL_PRESETS = {
     # the released model: 147,406,212 parameters with f_dec
     "paper": dict(dim=128, dim_mults=(1, 2, 4, 8), image_size=128, plane_channels=64, pos_channels=256,
-                  levels=3, decoder_hidden=64, projection="official"),
+                  levels=3, decoder_hidden=64, projection="official", aligned_plane=False),
     # trains on a laptop CPU at 64 x 64: narrow (16) but as deep as the paper's (4 stages, so the
     # middle attention sees the whole 8 x 8 image); f_trigen forward+backward at batch 4 takes
     # ~0.24 s on 2 cores, vs ~0.38 s for width 32 with 3 stages
@@ -283,6 +302,8 @@ class G3DR(nn.Module):
             raise ValueError(f"unknown G3DR config keys {sorted(unknown)}; known: {sorted(MODEL_PRESETS['paper'])}")
         if config["projection"] not in _PROJECTIONS:
             raise ValueError(f"projection must be one of {sorted(_PROJECTIONS)}, got {config['projection']!r}")
+        if config["aligned_plane"] and config["projection"] != "yz":
+            raise ValueError("aligned_plane needs projection='yz' (the 'official' projection has no y-z plane)")
         config["dim_mults"] = tuple(config["dim_mults"])
         self.config = config
         self.unet = UNet(config["dim"], config["dim_mults"], in_channels=4, out_channels=3 * config["plane_channels"],
@@ -300,7 +321,10 @@ class G3DR(nn.Module):
         # f_trigen sees rgb in [-1, 1], the range the released network was trained with: the one place
         # where the project's [0, 1] images are mapped to it
         rgbd = torch.cat([image * 2 - 1, depth], 1)  # (B, 4, H, W)
-        return self.unet(rgbd).view(B, 3, self.config["plane_channels"], H, W)
+        planes = self.unet(rgbd).view(B, 3, self.config["plane_channels"], H, W)
+        if self.config["aligned_plane"]:  # the y-z plane where the canonical camera sees it (align_yz_plane)
+            planes = torch.stack([planes[:, 0], planes[:, 1], align_yz_plane(planes[:, 2])], 1)
+        return planes
 
     def render(self, planes, rays_o, rays_d, box_size=2.0, sampler=None, **render_opts):
         """planes (B, 3, C, H, W), rays (B, R, 3) -> the dict of render_rays with rgb (B, R, 3) in

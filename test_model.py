@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from checkpoint import from_official, official_state_dict
-from model import G3DR, MODEL_PRESETS, UNet
-from render import get_rays, orbit_camera
+from model import G3DR, MODEL_PRESETS, UNet, align_yz_plane, sample_triplane
+from render import CANONICAL_PITCH, CANONICAL_YAW, FOV_DEGREES, get_rays, orbit_camera
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # made with the authors' code: fixtures/README.md
 
@@ -125,6 +125,38 @@ def test_encode_rejects_bad_input():
     assert "32x32" in str(info.value) and "16x16" in str(info.value)
     with pytest.raises(ValueError, match="projection"):
         G3DR(projection="xy")
+    with pytest.raises(ValueError, match="aligned_plane needs projection='yz'"):
+        G3DR(projection="official", aligned_plane=True)
+
+
+# --- the aligned y-z plane ---------------------------------------------------------------------------
+
+def test_aligned_yz_plane_puts_each_pixel_where_its_canonical_ray_crosses_the_box_centre():
+    """An image-aligned plane whose features are the pixels' own image coordinates, aligned and sampled where
+    each canonical ray crosses x = 0, gives every pixel back its own coordinates; unaligned it does not."""
+    S = 32
+    a = torch.linspace(-1, 1, S)  # corner-inclusive image coordinates
+    coords = torch.stack(torch.meshgrid(a, a, indexing="xy"), 0)[None]  # (1, 2, S, S): (column, row)
+    cam = orbit_camera(torch.tensor([CANONICAL_YAW]), torch.tensor([CANONICAL_PITCH]))
+    rays_o, rays_d = get_rays(cam, FOV_DEGREES, S)  # (1, S*S, 3)
+    points = rays_o - rays_o[..., :1] / rays_d[..., :1] * rays_d  # (1, S*S, 3) on x = 0
+    want = coords.flatten(2).transpose(1, 2)  # (1, S*S, 2)
+    inner = (want.abs() < 0.9).all(-1)  # the outermost texels repeat the border, so bilinear is not exact there
+    for aligned, close in ((True, True), (False, False)):
+        planes = torch.zeros(1, 3, 2, S, S)
+        planes[:, 2] = align_yz_plane(coords) if aligned else coords
+        got = 3 * sample_triplane(planes, points, levels=1, projection="yz")  # the mean over 3 planes, 2 are 0
+        assert torch.allclose(got[inner], want[inner], atol=1e-5) == close
+    # G3DR.encode aligns the third plane only, and only when asked
+    torch.manual_seed(0)
+    model = G3DR(MODEL_PRESETS["tiny"], projection="yz")
+    image, depth = _rgbd(1, 32, seed=0)
+    plain = model.encode(image, depth)
+    model.config["aligned_plane"] = True
+    aligned = model.encode(image, depth)
+    assert torch.equal(aligned[:, :2], plain[:, :2])
+    assert torch.allclose(aligned[:, 2], align_yz_plane(plain[:, 2]))
+    assert MODEL_PRESETS["paper"]["aligned_plane"] is False  # a config saved before the key loads as before
 
 
 # --- end to end ----------------------------------------------------------------------------------

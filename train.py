@@ -45,6 +45,8 @@ config = dict(
     model_size='small',      # 'tiny', 'small' or 'paper' (see model.MODEL_PRESETS)
     image_size=64,           # side of the training images
     projection='yz',         # triplane projections: 'official' (released, no y-z plane) or 'yz' (corrected)
+    aligned_plane=True,      # yz: the y-z plane holds each pixel's feature where its canonical ray crosses the box
+                             # centre (model.align_yz_plane); released: image-aligned, as f_trigen outputs it
     levels=3,                # multi-resolution triplane levels (Sec. 3.3; 1 = single resolution)
     # optimisation (Adam + one-cycle)
     max_steps=1200,
@@ -126,7 +128,7 @@ RECIPES = {
     # The released recipe: 6 GPUs x batch 8 = 48 images per step, 300k steps, Adam without gradient
     # clipping, beta1 cycling with the one-cycle lr, fp32, VGG (LPIPS with its learned channel weights) and
     # CLIP. On other GPU counts the micro-batch and gradient accumulation make up the 48 (resume.split_batch).
-    'imagenet': dict(model_size='paper', image_size=128, projection='official', max_steps=300_000, global_batch=48,
+    'imagenet': dict(model_size='paper', image_size=128, projection='official', aligned_plane=False, max_steps=300_000, global_batch=48,
                      batch_size=8, lr=5e-5, cycle_beta1=True, grad_clip=0.0, render_size=128, n_coarse=32,
                      n_fine=32, gradient_rescaling=True, rescale_cmin=0.05, lpips_weights='lpips', sample_every=2000,
                      save_every=2000, num_workers=8, num_scenes=0, canonical_rays='grid', novel_opacity=True,
@@ -156,6 +158,8 @@ def parse_config(argv, base=None):
                           "use --dtype bfloat16 or float32")
     if cfg['dtype'] not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg['dtype']!r}")
+    if cfg['projection'] != 'yz' and not given(argv, 'aligned_plane'):
+        cfg['aligned_plane'] = False  # only the 'yz' projection has a y-z plane to align
     if cfg['dataset'] == 'imagenet' and not cfg['data_dir']:
         raise ConfigError("--dataset imagenet needs --data_dir PATH (class folders of NAME.jpg + NAME_depth.png)")
     if cfg['sr_ckpt'] and (cfg['dataset'] != 'imagenet' or cfg['canonical_rays'] != 'grid'):
@@ -364,7 +368,7 @@ def build_model(cfg):
     if cfg['init_from']:
         return checkpoint.load_g3dr(cfg['init_from'], official=cfg['init_official'], trust=cfg['trust_checkpoint'])[0]
     return G3DR(dict(MODEL_PRESETS[cfg['model_size']], image_size=cfg['image_size'], projection=cfg['projection'],
-                     levels=cfg['levels']))
+                     levels=cfg['levels'], aligned_plane=cfg['aligned_plane']))
 
 
 def frozen_networks(cfg, device):
