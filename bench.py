@@ -212,9 +212,9 @@ def bench_gpu(args):
 
 # The paper's claims, tested on the synthetic scenes' ground truth: each variant is the paper's recipe (the
 # synthetic recipe of train.py with the paper's mechanisms and opacity schedule: PAPER) with one switch changed.
-# The synthetic default itself has gradient rescaling off, a shorter opacity ramp and the aligned y-z plane
-# (train.py says why).
-PAPER = ["--gradient_rescaling", "true", "--opacity_ramp", "0.5", "--aligned_plane", "false"]
+# The synthetic default itself has gradient rescaling off, a shorter opacity ramp, the aligned y-z plane and
+# twice the learning rate (train.py says why); PAPER pins what the ablation tables in assets/ were trained with.
+PAPER = ["--gradient_rescaling", "true", "--opacity_ramp", "0.5", "--aligned_plane", "false", "--lr", "1e-3"]
 ABLATIONS = {
     "full recipe": PAPER,
     "no gradient rescaling (Sec. 3.2)": PAPER + ["--gradient_rescaling", "false"],

@@ -109,10 +109,12 @@ def test_ablate_writes_table_and_json_and_reuses_finished_runs(tmp_path):
     ckpt = torch.load(out / 'v4_seed3' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_config']['levels'] == 1
     # ... and only that: both rows train the paper's recipe, gradient rescaling on, the opacity term ramped
-    # over half the run and the y-z plane as f_trigen outputs it (the synthetic default: off, a tenth, aligned)
+    # over half the run, the y-z plane as f_trigen outputs it and lr 1e-3 (the synthetic default: off, a tenth,
+    # aligned, 2e-3)
     full = torch.load(out / 'v0_seed3' / 'ckpt.pt', weights_only=True)
     for c in (ckpt['config'], full['config']):
         assert c['gradient_rescaling'] is True and c['opacity_ramp'] == 0.5 and c['aligned_plane'] is False
+        assert c['lr'] == 1e-3
     assert full['model_config']['levels'] == 3
     table = (out / 'ablate.md').read_text()
     assert '| full recipe |' in table and 'PSNR novel' in table and 'opacity' in table
