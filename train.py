@@ -59,7 +59,11 @@ config = dict(
     beta2=0.99,
     cycle_beta1=False,       # True: beta1 follows the one-cycle schedule, 0.95 -> 0.85 -> 0.95, as released
     weight_decay=0.0,
-    warmup_frac=0.1,         # one-cycle warm-up, fraction of max_steps (released 0.02)
+    warmup_frac=0.1,         # one-cycle warm-up, fraction of max_steps (released 0.02) ...
+    # ... but at least this many steps (at most half the run): after a 6-step warm-up the 60-step check rendered
+    # every held-out scene as the same average scene (canonical 17.4 dB); after 30 steps 19.9 (8 scenes). Runs of
+    # 300 steps or more (the default, the ImageNet recipe) are not affected.
+    warmup_min_steps=30,
     div_factor=25.0,         # one-cycle start lr = lr / div_factor
     grad_clip=1.0,           # gradient-norm clipping; 0 disables (released: none)
     nonfinite='skip',        # on a NaN/inf loss: 'skip' the step (stop after 20 in a row) or 'stop'
@@ -188,6 +192,12 @@ def print_help(argv):
 
 # -----------------------------------------------------------------------------
 # schedules of the released recipe
+
+def warmup_fraction(cfg):
+    """The one-cycle warm-up as a fraction of the run: warmup_frac, but at least warmup_min_steps steps
+    (at most half the run)."""
+    return max(cfg['warmup_frac'], min(0.5, cfg['warmup_min_steps'] / cfg['max_steps']))
+
 
 def p_novel(step, cfg):
     """P(novel view) rises linearly and never exceeds p_novel_max."""
@@ -412,7 +422,7 @@ def main(argv):
     dataset = make_dataset(cfg)
     model = build_model(cfg).to(device)
     optimizer, scheduler = resume.make_optimizer(model, cfg['lr'], (cfg['beta1'], cfg['beta2']), cfg['weight_decay'],
-                                                 cfg['max_steps'], cfg['warmup_frac'], cfg['div_factor'],
+                                                 cfg['max_steps'], warmup_fraction(cfg), cfg['div_factor'],
                                                  cfg['cycle_beta1'])
     start_step = resume.restore(ckpt, model, optimizer, scheduler, rank, cfg['seed'], device)
     if cfg['compile']:
