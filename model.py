@@ -32,7 +32,8 @@ SAMPLERS = ("grid_sample", "table")
 # uses (x, y), (x, z), (z, x): the y-z plane is never seen. 'yz' is the corrected projection, its
 # third plane the y-z plane oriented as the canonical camera sees it: u = z (image columns, left to
 # right) and v = -y (image rows, top to bottom). f_trigen's output planes are pixel-aligned with its
-# input image, so on this plane a feature can sit exactly where its pixel is.
+# input image; with aligned_plane (align_yz_plane, the synthetic recipe) the third one is resampled so that a
+# feature sits where its pixel's ray crosses the box centre, under its pixel for surfaces at that depth.
 _PROJECTIONS = {"official": (0, 1, 0, 2, 2, 0), "yz": (0, 1, 0, 2, 2, 1)}
 _FLIP_V3 = {"official": False, "yz": True}  # negate v on the third plane
 

@@ -79,6 +79,27 @@ def test_config_declares_values():
     assert train.parse_config([])['out_dir'] == 'out'  # f_rgbd's run goes to out-rgbd (test_train_rgbd.py)
 
 
+def _peak_lr_step(cfg):
+    """The step at which train.py's one-cycle schedule reaches its peak lr."""
+    _, scheduler = resume.make_optimizer(torch.nn.Linear(1, 1), cfg['lr'], (0.9, 0.99), 0.0, cfg['max_steps'],
+                                         train.warmup_fraction(cfg), cfg['div_factor'], False)
+    lrs = []
+    for _ in range(cfg['max_steps']):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    return max(range(len(lrs)), key=lrs.__getitem__)
+
+
+def test_warmup_lasts_at_least_warmup_min_steps():
+    # the default and the ImageNet recipe warm up over their fraction of the run; a 60-step run over 30 steps,
+    # a smoke test of under 60 steps over its fraction again
+    assert train.warmup_fraction(train.parse_config([])) == 0.1
+    assert _peak_lr_step(train.parse_config(['--max_steps', '400'])) == 39  # 10% of 400 steps
+    assert _peak_lr_step(train.parse_config(['--max_steps', '60'])) == 29   # 30 steps, not 6
+    assert _peak_lr_step(train.parse_config(['--max_steps', '20'])) == 1    # shorter than 2 x 30: 10%
+    assert train.warmup_fraction(train.parse_config(['--dataset', 'imagenet', '--data_dir', 'x'])) == 0.02
+
+
 def test_imagenet_selects_released_recipe():
     cfg = train.parse_config(['--dataset', 'imagenet', '--data_dir', '/data/imagenet'])
     assert (cfg['model_size'], cfg['image_size'], cfg['batch_size'], cfg['lr']) == ('paper', 128, 8, 5e-5)
@@ -579,6 +600,24 @@ def test_resume_after_sigkill(tmp_path):
     steps = [m['step'] for m in read_metrics(out)]
     assert steps == list(range(1, killed_at + 7))  # no gap, no duplicate after the resume
     assert [p for p in os.listdir(out) if '.tmp' in p] == []
+
+
+def test_a_run_saved_before_aligned_plane_resumes_with_its_own_plane(tmp_path):
+    # a run of the image-aligned plane, saved as a checkpoint from before the key existed (neither its config nor
+    # its model_config has it): resumed under today's default (aligned), it must keep training what it trained
+    out = tmp_path / 'run'
+    r = run_train([*FAST, '--out_dir', str(out), '--max_steps', '2', '--aligned_plane', 'false'])
+    assert r.returncode == 0, r.stderr[-2000:]
+    old = torch.load(out / 'ckpt.pt', weights_only=True)
+    del old['config']['aligned_plane'], old['model_config']['aligned_plane']
+    torch.save(old, out / 'ckpt.pt')
+    argv = ['--resume', '--out_dir', str(out)]
+    cfg, ckpt = resume.continue_run(argv, train.parse_config(argv), 'trigen', train.config, train.RECIPES,
+                                    train.parse_config)
+    assert cfg['aligned_plane'] is True  # the recipe's value for a key the saved run did not have ...
+    model = train.build_model(cfg, ckpt)
+    assert model.config['aligned_plane'] is False  # ... but the model is the saved one
+    model.load_state_dict(ckpt['model'])
 
 
 @pytest.mark.parametrize('policy', ['skip', 'stop'])
