@@ -81,11 +81,12 @@ def test_config_declares_values():
 
 def _peak_lr_step(cfg):
     """The step at which train.py's one-cycle schedule reaches its peak lr."""
-    _, scheduler = resume.make_optimizer(torch.nn.Linear(1, 1), cfg['lr'], (0.9, 0.99), 0.0, cfg['max_steps'],
-                                         train.warmup_fraction(cfg), cfg['div_factor'], False)
+    optimizer, scheduler = resume.make_optimizer(torch.nn.Linear(1, 1), cfg['lr'], (0.9, 0.99), 0.0,
+                                                 cfg['max_steps'], train.warmup_fraction(cfg), cfg['div_factor'], False)
     lrs = []
     for _ in range(cfg['max_steps']):
         lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()  # no gradients: changes nothing, but keeps the order torch expects
         scheduler.step()
     return max(range(len(lrs)), key=lrs.__getitem__)
 
